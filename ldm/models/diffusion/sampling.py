@@ -1,0 +1,104 @@
+"""Samplers as small functions over an eps-model, a start tensor and a schedule.
+
+`eps_fn(x, t) -> eps` with x: (B, C, h, w) and t: (B,) int64. Classifier-free guidance is a wrapper
+around the model (one batched forward for both halves), not a sampler option.
+"""
+import numpy as np
+import torch
+
+
+def ddim_timesteps(num_train_steps, steps):
+    """Uniform DDIM discretisation of the reference: range(0, T, T // S) + 1 (ascending, int64)."""
+    if not 0 < steps <= num_train_steps:
+        raise ValueError(f"number of sampling steps must be in 1..{num_train_steps}, got {steps}")
+    return torch.from_numpy(np.asarray(list(range(0, num_train_steps, num_train_steps // steps))) + 1).long()
+
+
+def ddim_schedule(alphas_cumprod, steps, eta=0.0):
+    """-> dict(timesteps (S,), a (S,), a_prev (S,), sigma (S,)) in float64; a_prev[0] = alphas_cumprod[0]."""
+    ts = ddim_timesteps(alphas_cumprod.shape[0], steps)
+    ac = alphas_cumprod.double().cpu()
+    a = ac[ts]
+    a_prev = torch.cat([ac[:1], ac[ts[:-1]]])
+    sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+    return {"timesteps": ts, "a": a, "a_prev": a_prev, "sigma": sigma}
+
+
+def guided_eps(model, c, uc=None, scale=1.0):
+    """eps_fn for model.apply_model with classifier-free guidance: e_uc + s (e_c - e_uc), one forward."""
+    if uc is None or scale == 1.0:
+        return lambda x, t: model.apply_model(x, t, c)
+
+    def eps_fn(x, t):
+        e_uc, e_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uc, c])).chunk(2)
+        return e_uc + scale * (e_c - e_uc)
+
+    return eps_fn
+
+
+def _ddim_update(x, e, a, a_prev, sigma, generator=None):
+    """One DDIM step at scalars a = alpha_cumprod_t, a_prev -> (x_prev, pred_x0)."""
+    pred_x0 = (x - (1 - a) ** 0.5 * e) / a ** 0.5
+    x_prev = a_prev ** 0.5 * pred_x0 + (1 - a_prev - sigma ** 2) ** 0.5 * e
+    if sigma > 0:
+        x_prev = x_prev + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x_prev, pred_x0
+
+
+def _steps(sched):
+    """Yield (i, t, a, a_prev, sigma) from the last timestep to the first, as Python floats."""
+    for i in reversed(range(len(sched["timesteps"]))):
+        yield (i, int(sched["timesteps"][i]), float(sched["a"][i]), float(sched["a_prev"][i]),
+               float(sched["sigma"][i]))
+
+
+@torch.no_grad()
+def sample_ddim(eps_fn, x, sched, callback=None, generator=None):
+    """x: x_T (B, C, h, w) -> x_0. callback(step, x, pred_x0) after every step."""
+    for k, (i, t, a, a_prev, sigma) in enumerate(_steps(sched)):
+        e = eps_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        x, pred_x0 = _ddim_update(x, e, a, a_prev, sigma, generator)
+        if callback is not None:
+            callback(k, x, pred_x0)
+    return x
+
+
+@torch.no_grad()
+def sample_plms(eps_fn, x, sched, callback=None, generator=None):
+    """Pseudo linear multistep (PNDM) of the reference: improved Euler first, then Adams-Bashforth 2-4."""
+    old_eps, steps = [], list(_steps(sched))
+    for k, (i, t, a, a_prev, _) in enumerate(steps):
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        e = eps_fn(x, tt)
+        if not old_eps:
+            x_next, _ = _ddim_update(x, e, a, a_prev, 0.0)
+            t_next = steps[k + 1][1] if k + 1 < len(steps) else t
+            e_prime = (e + eps_fn(x_next, torch.full_like(tt, t_next))) / 2
+        elif len(old_eps) == 1:
+            e_prime = (3 * e - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            e_prime = (23 * e - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            e_prime = (55 * e - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x, pred_x0 = _ddim_update(x, e_prime, a, a_prev, 0.0)
+        old_eps = (old_eps + [e])[-3:]
+        if callback is not None:
+            callback(k, x, pred_x0)
+    return x
+
+
+SAMPLERS = {"ddim": sample_ddim, "plms": sample_plms}
+
+
+@torch.no_grad()
+def sample_latents(model, captions, shape, steps=50, scale=1.0, eta=0.0, sampler="ddim", x_T=None,
+                   generator=None, callback=None):
+    """Text -> scaled latents (B, C, h, w) with a LatentDiffusion model. uc is the empty prompt."""
+    if sampler == "plms" and eta != 0:
+        raise ValueError("PLMS is deterministic: use --ddim_eta 0 with --plms")
+    c = model.get_learned_conditioning(captions)
+    uc = model.get_learned_conditioning([""] * len(captions)) if scale != 1.0 else None
+    if x_T is None:
+        x_T = torch.randn(shape, generator=generator, device=c.device, dtype=c.dtype)
+    sched = ddim_schedule(model.alphas_cumprod, steps, eta)
+    return SAMPLERS[sampler](guided_eps(model, c, uc, scale), x_T.to(c.device), sched, callback, generator)

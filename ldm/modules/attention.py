@@ -1,0 +1,123 @@
+"""Cross-attention and the SpatialTransformer of the LDM UNet.
+
+Attention runs through `scaled_dot_product_attention`; `Attention.use_sdpa = False` switches every
+instance to the explicit einsum/softmax path of the reference code (used by the benchmark baseline).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ldm.modules.diffusionmodules.util import checkpoint
+
+
+def attention(q, k, v, heads, use_sdpa=True):
+    """q: (B, N, H*d), k/v: (B, M, H*d) -> (B, N, H*d); softmax over keys, scale d**-0.5, no mask."""
+    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
+    if use_sdpa:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        sim = torch.einsum("bhid,bhjd->bhij", q, k) * (q.shape[-1] ** -0.5)
+        out = torch.einsum("bhij,bhjd->bhid", sim.softmax(dim=-1), v)
+    return rearrange(out, "b h n d -> b n (h d)")
+
+
+class CrossAttention(nn.Module):
+    use_sdpa = True
+
+    def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0.0):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x, context=None):
+        """x: (B, N, C), context: (B, M, Cc) or None (self-attention) -> (B, N, C)."""
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.use_sdpa)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4, dropout=0.0):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim, n_heads, d_head, dropout=0.0, context_dim=None, checkpoint=True):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.checkpoint = checkpoint
+
+    def forward(self, x, context=None):
+        return checkpoint(self._forward, (x, context), self.checkpoint)
+
+    def _forward(self, x, context):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context=context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+def zero_module(module):
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+class SpatialTransformer(nn.Module):
+    """GN -> 1x1 proj_in -> tokens -> transformer blocks -> 1x1 proj_out (zero-init) -> + input."""
+
+    def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None, checkpoint=True):
+        super().__init__()
+        inner = n_heads * d_head
+        self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(in_channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, n_heads, d_head, dropout, context_dim, checkpoint) for _ in range(depth)
+        )
+        self.proj_out = zero_module(nn.Conv2d(inner, in_channels, 1))
+
+    def forward(self, x, context=None):
+        """x: (B, C, H, W), context: (B, M, Cc) -> (B, C, H, W)."""
+        _, _, h, w = x.shape
+        h_ = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+        for block in self.transformer_blocks:
+            h_ = block(h_, context=context)
+        h_ = rearrange(h_, "b (h w) c -> b c h w", h=h, w=w)
+        return self.proj_out(h_) + x
+
+
+def timestep_embedding(timesteps, dim, max_period=10000):
+    """timesteps: (B,) -> (B, dim) = cat([cos(t f), sin(t f)]), f_i = exp(-ln(max_period) i / half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb

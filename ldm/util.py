@@ -1,0 +1,82 @@
+"""Small helpers shared by every module: config instantiation, atomic writes, defaults."""
+import importlib
+import os
+import tempfile
+from contextlib import contextmanager
+from inspect import isfunction
+
+import torch
+
+
+def exists(x):
+    return x is not None
+
+
+def default(val, d):
+    if exists(val):
+        return val
+    return d() if isfunction(d) else d
+
+
+def count_params(model, trainable_only=False):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def get_obj_from_str(string, reload=False):
+    """Import `pkg.module.Name` and return `Name`; one clear line when it does not import."""
+    module, _, cls = string.rpartition(".")
+    if not module:
+        raise ValueError(f"target '{string}' is not a dotted path like 'ldm.models.autoencoder.AutoencoderKL'")
+    try:
+        mod = importlib.import_module(module)
+        if reload:
+            mod = importlib.reload(mod)
+    except ImportError as e:
+        raise ImportError(f"cannot import module '{module}' for target '{string}': {e}") from e
+    if not hasattr(mod, cls):
+        raise ImportError(f"module '{module}' has no attribute '{cls}' (target '{string}')")
+    return getattr(mod, cls)
+
+
+def instantiate_from_config(config, **overrides):
+    """Build `config.target(**config.params, **overrides)`.
+
+    The two sentinel strings of latent-diffusion configs stand for "no module".
+    """
+    if config in ("__is_first_stage__", "__is_unconditional__"):
+        return None
+    if "target" not in config:
+        raise KeyError(f"config node has no 'target' key: {dict(config) if hasattr(config, 'keys') else config}")
+    params = dict(config.get("params", None) or {})
+    params.update(overrides)
+    return get_obj_from_str(config["target"])(**params)
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success rename it over `path`.
+
+    A crash mid-write leaves the previous file intact and no half-written file behind.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_torch_save(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(text, path):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
