@@ -1,0 +1,220 @@
+"""Train a textual-inversion embedding (or pretrain a model) from YAML configs, on Lightning 2.x.
+
+    python train_new.py --base configs/latent-diffusion/txt2img-1p4B-finetune.yaml -t \
+        --actual_resume models/ldm/text2img-large/model.ckpt -n NAME --gpus 0, \
+        --data_root dataset/NAME --init_word dog --placeholder_string '*'
+
+Any `key=value` argument overrides that entry of the merged config (e.g. model.params.latent_cache=false,
+lightning.trainer.max_steps=1000, data.params.batch_size=2).
+"""
+import argparse
+import datetime
+import glob
+import logging
+import os
+import sys
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.loggers import CSVLogger
+
+from ldm.util import instantiate_from_config
+from load import load_state_dict_into
+from make_log_new import ImageLogger, LossCurve
+from setup import AtomicModelCheckpoint, EmbeddingCheckpoint, SetupCallback
+
+log = logging.getLogger("train_new")
+
+
+class UsageError(Exception):
+    """A problem with the command line or its files, reported in one line."""
+
+
+def get_parser(default_base=()):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-b", "--base", nargs="*", default=list(default_base), metavar="config.yaml",
+                   help="configs, merged left to right; key=value arguments override them")
+    p.add_argument("-t", "--train", action="store_true", help="train (without it: only build and check)")
+    p.add_argument("-n", "--name", default="", help="postfix of the run folder name")
+    p.add_argument("-r", "--resume", default="", help="run folder or checkpoint to resume from")
+    p.add_argument("-l", "--logdir", default="logs", help="parent folder of run folders")
+    p.add_argument("-s", "--seed", type=int, default=23, help="seed for everything")
+    p.add_argument("--gpus", default=None, help='GPU indices: "0," or "0,1"; without CUDA training runs on CPU')
+    p.add_argument("--num_nodes", type=int, default=1)
+    p.add_argument("--scale_lr", type=_bool, default=True, help="lr = base_lr x batch x devices x accumulation")
+    p.add_argument("--no-test", action="store_true", help="skip testing after training")
+    p.add_argument("--actual_resume", default=None, help="pretrained model checkpoint (.ckpt or .safetensors)")
+    p.add_argument("--data_root", default=None, help="folder of the concept's training images")
+    p.add_argument("--init_word", default=None, help="word the embedding starts from")
+    p.add_argument("--placeholder_string", default=None, help="pseudo-word in captions, e.g. '*'")
+    p.add_argument("--embedding_manager_ckpt", default=None, help="start from a saved embedding file")
+    p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
+    return p
+
+
+def _bool(v):
+    return str(v).lower() in ("1", "true", "yes", "y", "t")
+
+
+def resolve_resume(opt):
+    """-r RUN_DIR or -r RUN_DIR/checkpoints/x.ckpt -> (run folder, checkpoint, saved configs)."""
+    if not os.path.exists(opt.resume):
+        raise UsageError(f"cannot resume: {opt.resume} does not exist (give a run folder under logs/)")
+    if os.path.isfile(opt.resume):
+        logdir, ckpt = os.path.dirname(os.path.dirname(opt.resume)), opt.resume
+    else:
+        logdir, ckpt = opt.resume.rstrip("/"), os.path.join(opt.resume, "checkpoints", "last.ckpt")
+    if not os.path.isfile(ckpt):
+        raise UsageError(f"cannot resume: {ckpt} not found (the run saved no checkpoint yet)")
+    saved = [sorted(glob.glob(os.path.join(logdir, "configs", f"*-{kind}.yaml")))[-1:] for kind in ("project", "lightning")]
+    return logdir, ckpt, saved[0] + saved[1]
+
+
+def build_config(opt, dotlist):
+    """Merge the base configs, the CLI overrides and the TI flags; record the CLI values under `run`."""
+    if not opt.base:
+        raise UsageError("no config given: pass --base configs/....yaml")
+    for path in opt.base:
+        if not os.path.isfile(path):
+            raise UsageError(f"config not found: {path}")
+    config = OmegaConf.merge(*[OmegaConf.load(p) for p in opt.base], OmegaConf.from_dotlist(dotlist))
+    run = config.get("run", OmegaConf.create())
+    for key in ("actual_resume", "data_root", "init_word", "placeholder_string"):
+        if getattr(opt, key) is not None:
+            run[key] = getattr(opt, key)
+    config.run = run
+    apply_run_to_config(config)
+    return config
+
+
+def apply_run_to_config(config):
+    """Point the datasets at run.data_root and the embedding manager at run.init_word/placeholder."""
+    run = config.run
+    for split in ("train", "validation", "test"):
+        node = OmegaConf.select(config, f"data.params.{split}.params")
+        if node is None:
+            continue
+        if run.get("data_root"):
+            node.data_root = run.data_root
+        if run.get("placeholder_string"):
+            node.placeholder_token = run.placeholder_string
+    pers = OmegaConf.select(config, "model.params.personalization_config.params")
+    if pers is not None:
+        if run.get("init_word"):
+            pers.initializer_words = [run.init_word]
+        if run.get("placeholder_string"):
+            pers.placeholder_strings = [run.placeholder_string]
+
+
+def choose_devices(opt, trainer_cfg):
+    """-> (accelerator, devices). --gpus without CUDA falls back to CPU with a one-line warning."""
+    if opt.gpus is not None and str(opt.gpus).strip(", ") != "":
+        ids = [int(g) for g in str(opt.gpus).split(",") if g.strip() != ""]
+        if torch.cuda.is_available():
+            return "gpu", ids
+        log.warning("--gpus %s given but no CUDA device is available: training on the CPU", opt.gpus)
+    return trainer_cfg.pop("accelerator", "cpu"), trainer_cfg.pop("devices", 1)
+
+
+def make_callbacks(opt, config, lightning_config, now, logdir):
+    ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
+    every = OmegaConf.select(lightning_config, "modelcheckpoint.params.every_n_train_steps", default=500)
+    callbacks = [
+        SetupCallback(opt.resume, now, logdir, ckptdir, cfgdir, config, lightning_config),
+        AtomicModelCheckpoint(dirpath=ckptdir, filename="{epoch:06}-{step:06}", save_last=True,
+                              every_n_train_steps=every, save_top_k=0),
+        EmbeddingCheckpoint(ckptdir, every_n_steps=every),
+        LossCurve(os.path.join(logdir, "loss.png")),
+        pl.callbacks.LearningRateMonitor(logging_interval="step"),
+    ]
+    for name, cfg in (lightning_config.get("callbacks") or {}).items():
+        if name == "image_logger" and cfg.target in ("main.ImageLogger", "make_log_new.ImageLogger"):
+            callbacks.append(ImageLogger(**cfg.get("params", {})))
+        else:
+            callbacks.append(instantiate_from_config(cfg))
+    return callbacks
+
+
+def make_loggers(logdir):
+    loggers = [CSVLogger(save_dir=logdir, name="", version="")]
+    try:
+        from pytorch_lightning.loggers import TensorBoardLogger
+        loggers.append(TensorBoardLogger(save_dir=logdir, name="tensorboard", version=""))
+    except ModuleNotFoundError:
+        log.info("tensorboard not installed: scalars go to metrics.csv only")
+    return loggers
+
+
+def build_model(config, opt):
+    model = instantiate_from_config(config.model)
+    ckpt = config.run.get("actual_resume")
+    if ckpt:
+        if not os.path.isfile(ckpt):
+            raise UsageError(f"--actual_resume {ckpt} not found (give the pretrained model checkpoint)")
+        load_state_dict_into(model, ckpt)
+    if opt.embedding_manager_ckpt:
+        model.embedding_manager.load(opt.embedding_manager_ckpt)
+    return model
+
+
+def set_learning_rate(model, config, trainer_cfg, n_devices, opt):
+    base_lr = config.model.base_learning_rate
+    bs = config.data.params.batch_size
+    accumulate = trainer_cfg.get("accumulate_grad_batches", 1) or 1
+    model.learning_rate = accumulate * n_devices * bs * base_lr if opt.scale_lr else base_lr
+    log.info("learning rate %.2e (%s)", model.learning_rate,
+             f"{accumulate} x {n_devices} x {bs} x {base_lr:.2e}" if opt.scale_lr else "not scaled")
+
+
+def run(opt, dotlist):
+    now = os.environ.setdefault("LDM_RUN_STAMP", datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S"))
+    ckpt = None
+    if opt.resume:
+        logdir, ckpt, saved = resolve_resume(opt)
+        opt.base = saved + opt.base
+    config = build_config(opt, dotlist)
+    if not opt.resume:
+        data_name = os.path.basename(os.path.normpath(config.run.data_root)) if config.run.get("data_root") else ""
+        logdir = os.path.join(opt.logdir, f"{data_name}{now}" + (f"_{opt.name}" if opt.name else ""))
+    pl.seed_everything(opt.seed, verbose=False)
+
+    data = instantiate_from_config(config.data)
+    data.setup()  # bad data fails here, before a large model is loaded
+    lightning_config = config.pop("lightning", OmegaConf.create())
+    trainer_cfg = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
+    accelerator, devices = choose_devices(opt, trainer_cfg)
+    n_devices = (len(devices) if isinstance(devices, list) else int(devices)) * opt.num_nodes
+    if n_devices > 1:
+        trainer_cfg.setdefault("strategy", "ddp")
+    trainer_cfg.setdefault("log_every_n_steps", 10)
+    model = build_model(config, opt)
+    set_learning_rate(model, config, trainer_cfg, n_devices, opt)
+
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=opt.num_nodes, default_root_dir=logdir,
+                         logger=make_loggers(logdir), callbacks=make_callbacks(opt, config, lightning_config, now, logdir),
+                         **trainer_cfg)
+    if opt.train:
+        trainer.fit(model, data, ckpt_path=ckpt)
+    if not opt.no_test and "test" in data.datasets:
+        trainer.test(model, data)
+    return logdir
+
+
+def main(argv=None, default_base=()):
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    opt, dotlist = get_parser(default_base).parse_known_args(argv)
+    bad = [a for a in dotlist if "=" not in a]
+    if bad:
+        raise SystemExit(f"error: unknown arguments {bad} (config overrides are written key=value)")
+    try:
+        return run(opt, dotlist)
+    except (UsageError, FileNotFoundError, ValueError, KeyError, RuntimeError, ImportError) as e:
+        if opt.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
