@@ -76,7 +76,24 @@ class EmbeddingCheckpoint(pl.Callback):
             self.save(pl_module, step)
 
     def on_train_end(self, trainer, pl_module):
+        self.check_ranks_agree(trainer, pl_module)
         self.save(pl_module, trainer.global_step)
+
+    @staticmethod
+    def check_ranks_agree(trainer, pl_module):
+        """Under DDP every rank must hold the same vectors; say so (or warn) once, from rank 0."""
+        manager = getattr(pl_module, "embedding_manager", None)
+        if manager is None or trainer.world_size < 2:
+            return
+        flat = torch.cat([p.detach().flatten() for p in manager.embedding_parameters()])
+        gathered = trainer.strategy.all_gather(flat)  # (world_size, n)
+        diff = (gathered - gathered[0]).abs().max().item()
+        if not trainer.is_global_zero:
+            return
+        if diff == 0:
+            log.info("embedding identical on all %d ranks", trainer.world_size)
+        else:
+            log.warning("embedding differs between ranks (max abs diff %.3g)", diff)
 
     def on_exception(self, trainer, pl_module, exception):
         self.save(pl_module)

@@ -13,6 +13,7 @@ import glob
 import logging
 import os
 import sys
+from collections import namedtuple
 
 import pytorch_lightning as pl
 import torch
@@ -25,6 +26,9 @@ from make_log_new import ImageLogger, LossCurve
 from setup import AtomicModelCheckpoint, EmbeddingCheckpoint, SetupCallback
 
 log = logging.getLogger("train_new")
+
+
+Run = namedtuple("Run", "logdir model trainer")
 
 
 class UsageError(Exception):
@@ -198,7 +202,7 @@ def run(opt, dotlist):
         trainer.fit(model, data, ckpt_path=ckpt)
     if not opt.no_test and "test" in data.datasets:
         trainer.test(model, data)
-    return logdir
+    return Run(logdir, model, trainer)
 
 
 def main(argv=None, default_base=()):

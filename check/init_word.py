@@ -1,0 +1,76 @@
+"""How a word tokenizes for the LDM BERT text encoder, and (with a checkpoint) its nearest vocabulary neighbours.
+
+    python check/init_word.py teddybear
+    python check/init_word.py dog --config CONFIG.yaml --ckpt MODEL.ckpt
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a fresh clone
+
+from ldm.modules.encoders.modules import BERTEmbedder  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("word", help="candidate initializer word or placeholder string")
+    parser.add_argument("--config", help="model config YAML (with --ckpt: show embedding neighbours)")
+    parser.add_argument("--ckpt", help="model checkpoint matching --config")
+    parser.add_argument("--n_embed", type=int, default=1280, help="encoder width without a checkpoint")
+    parser.add_argument("--n_layer", type=int, default=32, help="encoder depth without a checkpoint")
+    parser.add_argument("--tokenizer_path", help="local bert-base-uncased folder (default: the installed vocabulary)")
+    parser.add_argument("--top", type=int, default=10, help="neighbours to list per token")
+    args = parser.parse_args(argv)
+    if bool(args.config) != bool(args.ckpt):
+        parser.error("--config and --ckpt go together: give both to see embedding neighbours, or neither")
+    return args
+
+
+def load_embedder(args):
+    """The checkpoint's text encoder, or a weightless one (meta device) that can only tokenize."""
+    if args.ckpt:
+        from omegaconf import OmegaConf
+        from load import load_model_from_config
+
+        return load_model_from_config(OmegaConf.load(args.config), args.ckpt).cond_stage_model
+    with torch.device("meta"):
+        return BERTEmbedder(n_embed=args.n_embed, n_layer=args.n_layer, tokenizer_path=args.tokenizer_path)
+
+
+def neighbours(weight, token_id, top):
+    """weight: (V, D) -> [(id, cosine)] of the `top` rows closest to row token_id, itself excluded."""
+    cosine = F.cosine_similarity(weight[token_id][None].float(), weight.float(), dim=-1)
+    cosine[token_id] = -2.0
+    values, ids = cosine.topk(top)
+    return list(zip(ids.tolist(), values.tolist()))
+
+
+def verdict(ids, unk_id):
+    if unk_id in ids:
+        return "has [UNK]: not in the vocabulary, pick another word"
+    if len(ids) == 1:
+        return "a single token: usable as initializer word or placeholder"
+    return f"{len(ids)} tokens: not usable, pick a single-token word"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    embedder = load_embedder(args)
+    ids = embedder.word_token_ids(args.word)
+    pieces = embedder.tokenizer.pieces(ids)
+    print(f"'{args.word}' -> {pieces} ids {ids} ({verdict(ids, embedder.unk_token_id)})")
+    if not args.ckpt:
+        return
+    weight = embedder.token_embedding.weight.detach()
+    for token_id, piece in zip(ids, pieces):
+        near = ", ".join(f"{p} {c:.3f}" for p, c in
+                         ((embedder.tokenizer.pieces([i])[0], c) for i, c in neighbours(weight, token_id, args.top)))
+        print(f"nearest to {piece}: {near}")
+
+
+if __name__ == "__main__":
+    main()

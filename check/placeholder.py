@@ -1,0 +1,81 @@
+"""Encode a prompt with and without a learned embedding file and show which token positions change.
+
+Only the placeholder positions of the token embeddings may change (the manager acts before the
+position embedding); after the encoder's attention every position moves, which is expected.
+
+    python check/placeholder.py embeddings.pt --prompt "a photo of *"
+    python check/placeholder.py embeddings.pt --config CONFIG.yaml --ckpt MODEL.ckpt
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a fresh clone
+
+from ldm.modules.embedding_manager import EmbeddingManager, read_embedding_file  # noqa: E402
+from ldm.modules.encoders.modules import BERTEmbedder  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("embedding", help="learned embedding file (.pt or .safetensors)")
+    parser.add_argument("--prompt", default="a photo of *", help="prompt that uses the placeholder")
+    parser.add_argument("--config", help="model config YAML (with --ckpt)")
+    parser.add_argument("--ckpt", help="model checkpoint; without it a seeded random encoder of the file's width is used")
+    parser.add_argument("--n_layer", type=int, default=2, help="depth of the random encoder without a checkpoint")
+    args = parser.parse_args(argv)
+    if bool(args.config) != bool(args.ckpt):
+        parser.error("--config and --ckpt go together: give both, or neither for a random encoder")
+    return args
+
+
+def load_embedder_and_manager(args):
+    """(BERTEmbedder, EmbeddingManager holding the file's vectors), both in eval mode."""
+    tokens, params = read_embedding_file(args.embedding)
+    if args.ckpt:
+        from omegaconf import OmegaConf
+        from load import load_model_from_config
+
+        model = load_model_from_config(OmegaConf.load(args.config), args.ckpt)
+        embedder, manager = model.cond_stage_model, model.embedding_manager
+    else:
+        torch.manual_seed(0)
+        width = next(iter(params.values())).shape[-1]
+        embedder, manager = BERTEmbedder(n_embed=width, n_layer=args.n_layer), None
+    if manager is None:
+        manager = EmbeddingManager(embedder, placeholder_strings=list(tokens))
+    manager.load(args.embedding)
+    return embedder.eval(), manager.eval()
+
+
+@torch.no_grad()
+def main(argv=None):
+    args = parse_args(argv)
+    embedder, manager = load_embedder_and_manager(args)
+    tokens = embedder.tokenize([args.prompt])
+    plain = embedder.transformer(tokens.clone())
+    edited_tokens = tokens.clone()  # the manager rewrites ids in place when a placeholder has several vectors
+    swapped = manager(edited_tokens, embedder.token_embedding(edited_tokens))
+    learned = embedder.transformer(tokens.clone(), embedding_manager=manager)
+
+    placeholder_ids = {int(t) for t in manager.string_to_token_dict.values()}
+    changed = (swapped != embedder.token_embedding(edited_tokens)).any(-1)[0].nonzero().flatten().tolist()
+    expected = [i for i, t in enumerate(edited_tokens[0].tolist()) if t in placeholder_ids]
+    pieces = embedder.tokenizer.pieces(edited_tokens[0].tolist())
+    print(f"tokens: {' '.join(p for p in pieces if p != '[PAD]')}")
+    print(f"token embeddings changed at {changed} ({[pieces[i] for i in changed]})")
+    print(f"encoder output: max |diff| {(learned - plain).abs().max():.4g} (attention spreads the change everywhere)")
+    if not expected:
+        print(f"the prompt has none of the file's placeholders {sorted(manager.string_to_token_dict)}")
+        return 1
+    if changed != expected:
+        print(f"UNEXPECTED: placeholder positions are {expected}")
+        return 1
+    print("OK: only placeholder positions changed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Textual-inversion training images of one object, captioned with prompt templates around the placeholder."""
+import random
+
+from torch.utils.data import Dataset
+
+from ldm.data.images import center_crop, list_images, load_rgb, resampling_filter, resize_square, to_model_range
+
+# Rare characters that are single tokens in both the BERT and CLIP vocabularies; with per_image_tokens
+# image i also gets its own placeholder PER_IMAGE_TOKENS[i] (the reference's per-image list).
+PER_IMAGE_TOKENS = (
+    "א", "ב", "ג", "ד", "ה", "ו", "ז", "ח", "ט", "י", "כ", "ל", "מ", "נ", "ס", "ע", "פ", "צ", "ק", "ר", "ש", "ת",
+)
+
+_PHOTO_TEMPLATES = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
+
+
+def _illustrated(medium):
+    """The reference repeats the photo list with 'photo of' swapped for another medium in 15 of 27 entries."""
+    swapped = []
+    for t in _PHOTO_TEMPLATES:
+        keep = t.startswith(("a rendering", "a cropped", "the photo", "a dark", "a close-up", "a bright",
+                             "a good", "a rendition"))
+        swapped.append(t if keep else t.replace("a photo of", f"{medium} of", 1))
+    return tuple(swapped)
+
+
+IMAGENET_TEMPLATES_SMALL = _PHOTO_TEMPLATES + _illustrated("an illustration") + _illustrated("a depiction")
+
+IMAGENET_DUAL_TEMPLATES_SMALL = tuple(t + " with {}" for t in _PHOTO_TEMPLATES)
+
+SPLITS = ("train", "val", "test")
+
+
+class PersonalizedBase(Dataset):
+    """Items `{"image": (H, W, 3) float32 in [-1, 1], "caption": str}` from the images in `data_root`.
+
+    Length is n_images * repeats for set="train", n_images otherwise. With per_image_tokens, a
+    caption names image i's own token with probability mixing_prob; coarse_class_text is put
+    before the placeholder ("dog *").
+    """
+
+    templates = IMAGENET_TEMPLATES_SMALL
+    dual_templates = IMAGENET_DUAL_TEMPLATES_SMALL
+
+    def __init__(self, data_root, size=None, repeats=100, interpolation="bicubic", flip_p=0.5, set="train",
+                 placeholder_token="*", per_image_tokens=False, center_crop=False, mixing_prob=0.25,
+                 coarse_class_text=None):
+        if set not in SPLITS:
+            raise ValueError(f"unknown set '{set}': use one of {', '.join(SPLITS)}")
+        self.image_paths = list_images(data_root)
+        for path in self.image_paths:
+            load_rgb(path)  # a corrupt file fails here, naming itself, not mid-training
+        self.num_images = len(self.image_paths)
+        if per_image_tokens and self.num_images > len(PER_IMAGE_TOKENS):
+            raise ValueError(f"per_image_tokens supports at most {len(PER_IMAGE_TOKENS)} images but '{data_root}' "
+                             f"holds {self.num_images}: use fewer images or per_image_tokens: false")
+        self._length = self.num_images * repeats if set == "train" else self.num_images
+        self.size = size
+        self.resample = resampling_filter(interpolation)
+        self.flip_p = flip_p
+        self.placeholder_token = placeholder_token
+        self.per_image_tokens = per_image_tokens
+        self.center_crop = center_crop
+        self.mixing_prob = mixing_prob
+        self.coarse_class_text = coarse_class_text
+
+    def __len__(self):
+        return self._length
+
+    def caption(self, image_index):
+        subject = self.placeholder_token
+        if self.coarse_class_text:
+            subject = f"{self.coarse_class_text} {subject}"
+        if self.per_image_tokens and random.random() < self.mixing_prob:
+            return random.choice(self.dual_templates).format(subject, PER_IMAGE_TOKENS[image_index])
+        return random.choice(self.templates).format(subject)
+
+    def image(self, image_index):
+        """(H, W, 3) float32 in [-1, 1], cropped, resized and randomly flipped as configured."""
+        array = load_rgb(self.image_paths[image_index])
+        if self.center_crop:
+            array = center_crop(array)
+        if self.size is not None:
+            array = resize_square(array, self.size, self.resample)
+        if random.random() < self.flip_p:
+            array = array[:, ::-1]
+        return to_model_range(array)
+
+    def __getitem__(self, i):
+        image_index = i % self.num_images
+        return {"image": self.image(image_index), "caption": self.caption(image_index)}

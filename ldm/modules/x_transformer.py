@@ -1,0 +1,120 @@
+"""The subset of x-transformers that LDM's BERT text encoder uses.
+
+A pre-norm Encoder of alternating self-attention ('a') and feed-forward ('f') layers behind a token
+and learned absolute position embedding. Module and parameter names follow the reference so that
+LDM checkpoints load strictly (`token_emb`, `pos_emb.emb`, `attn_layers.layers.{i}.{0,1}`, `norm`,
+`to_logits`).
+"""
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ldm.util import exists
+
+
+class AbsolutePositionalEmbedding(nn.Module):
+    """Learned position embedding: one row per position."""
+
+    def __init__(self, dim, max_seq_len):
+        super().__init__()
+        self.emb = nn.Embedding(max_seq_len, dim)
+        nn.init.normal_(self.emb.weight, std=0.02)
+
+    def forward(self, x):
+        """x: (B, T, D) -> (1, T, D)"""
+        positions = torch.arange(x.shape[1], device=x.device)
+        return self.emb(positions)[None]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention without a mask: pad tokens are attended to, as in the reference."""
+
+    def __init__(self, dim, heads=8, dim_head=64):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(self, x):
+        """x: (B, T, D) -> (B, T, D)"""
+        q, k, v = (rearrange(f(x), "b t (h d) -> b h t d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
+        out = F.scaled_dot_product_attention(q, k, v)  # scale dim_head**-0.5
+        return self.to_out(rearrange(out, "b h t d -> b t (h d)"))
+
+
+class FeedForward(nn.Module):
+    """Linear(d, mult*d), GELU, Dropout, Linear(mult*d, d); indices match the reference (`net.0.0`, `net.2`)."""
+
+    def __init__(self, dim, mult=4, dropout=0.0):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(nn.Sequential(nn.Linear(dim, inner), nn.GELU()), nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Residual(nn.Module):
+    """Parameter-free residual add; kept as a module so layer indices match the reference."""
+
+    def forward(self, x, residual):
+        return x + residual
+
+
+class Encoder(nn.Module):
+    """`depth` pairs of pre-norm (attention, feed-forward) layers; `layers.{2i}` attends, `layers.{2i+1}` is the FF."""
+
+    def __init__(self, dim, depth, heads=8, dim_head=64, ff_mult=4):
+        super().__init__()
+        self.dim = dim
+        self.layer_types = ("a", "f") * depth
+        self.layers = nn.ModuleList(
+            nn.ModuleList([nn.LayerNorm(dim), self._block(kind, dim, heads, dim_head, ff_mult), Residual()])
+            for kind in self.layer_types
+        )
+
+    @staticmethod
+    def _block(kind, dim, heads, dim_head, ff_mult):
+        return Attention(dim, heads, dim_head) if kind == "a" else FeedForward(dim, ff_mult)
+
+    def forward(self, x):
+        """x: (B, T, D) -> (B, T, D)"""
+        for norm, block, residual in self.layers:
+            x = residual(block(norm(x)), x)
+        return x
+
+
+class TransformerWrapper(nn.Module):
+    """Token + position embedding, Encoder, final LayerNorm; `to_logits` exists only so checkpoints load."""
+
+    def __init__(self, num_tokens, max_seq_len, attn_layers, emb_dropout=0.0):
+        super().__init__()
+        dim = attn_layers.dim
+        self.max_seq_len = max_seq_len
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        self.pos_emb = AbsolutePositionalEmbedding(dim, max_seq_len)
+        self.emb_dropout = nn.Dropout(emb_dropout)
+        self.attn_layers = attn_layers
+        self.norm = nn.LayerNorm(dim)
+        self.to_logits = nn.Linear(dim, num_tokens)
+
+    def forward(self, tokens, return_embeddings=True, embedding_manager=None):
+        """tokens: (B, T) int64 -> (B, T, D) embeddings, or (B, T, num_tokens) logits.
+
+        `embedding_manager(tokens, x)` is the one seam where textual inversion swaps token
+        embeddings: after the token lookup, before the position embedding.
+        """
+        if tokens.shape[1] > self.max_seq_len:
+            raise ValueError(f"got {tokens.shape[1]} tokens but the text encoder holds at most {self.max_seq_len}: "
+                             "truncate the token ids to max_seq_len")
+        x = self.token_emb(tokens)
+        if exists(embedding_manager):
+            x = embedding_manager(tokens, x)
+        x = self.emb_dropout(x + self.pos_emb(x))
+        x = self.norm(self.attn_layers(x))
+        return x if return_embeddings else self.to_logits(x)

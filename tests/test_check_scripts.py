@@ -1,0 +1,62 @@
+"""check/init_word.py and check/placeholder.py, run in-process on tiny models."""
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from check import init_word, placeholder
+from ldm.modules.embedding_manager import EmbeddingManager
+from ldm.modules.encoders.modules import BERTEmbedder
+
+
+@pytest.mark.parametrize("word, expected", [
+    ("dog", "['dog'] ids [3899] (a single token"),
+    ("teddybear", "['teddy', '##be', '##ar'] ids [11389, 4783, 2906] (3 tokens"),
+    ("\U0001F642", "has [UNK]"),
+])
+def test_init_word_tokenization(capsys, word, expected):
+    init_word.main([word, "--n_embed", "32", "--n_layer", "1"])
+    assert expected in capsys.readouterr().out
+
+
+def test_help_and_usage_errors(capsys):
+    for script in (init_word, placeholder):
+        with pytest.raises(SystemExit) as info:
+            script.main(["--help"])
+        assert info.value.code == 0 and "usage:" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="2"):
+        init_word.main(["dog", "--config", "x.yaml"])
+
+
+def test_init_word_neighbours_from_checkpoint(capsys, tmp_path, fixture_dir):
+    pytest.importorskip("load")
+    hp = json.loads((fixture_dir / "hyperparameters.json").read_text())
+    OmegaConf.save(OmegaConf.create({"model": hp["constructor_arguments"]}), tmp_path / "tiny.yaml")
+    init_word.main(["dog", "--config", str(tmp_path / "tiny.yaml"),
+                    "--ckpt", str(fixture_dir / "state_dict.safetensors"), "--top", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("nearest to dog: ") and lines[-1].count(", ") == 2
+
+
+@pytest.fixture(scope="module")
+def embedding_files(tmp_path_factory):
+    """1- and 3-vector embedding files of a seeded width-32 encoder."""
+    folder = tmp_path_factory.mktemp("embeddings")
+    torch.manual_seed(0)
+    bert = BERTEmbedder(n_embed=32, n_layer=1)
+    for n in (1, 3):
+        EmbeddingManager(bert, ["*"], ["dog"], num_vectors_per_token=n).save(folder / f"e{n}.pt")
+    return folder
+
+
+@pytest.mark.parametrize("name, positions", [("e1.pt", "[4]"), ("e3.pt", "[4, 5, 6]")])
+def test_placeholder_changes_only_its_positions(capsys, embedding_files, name, positions):
+    assert placeholder.main([str(embedding_files / name), "--prompt", "a photo of * here"]) == 0
+    out = capsys.readouterr().out
+    assert f"changed at {positions}" in out and "OK: only placeholder positions changed" in out
+
+
+def test_placeholder_prompt_without_placeholder(capsys, embedding_files):
+    assert placeholder.main([str(embedding_files / "e1.pt"), "--prompt", "a photo of a dog"]) == 1
+    assert "none of the file's placeholders" in capsys.readouterr().out

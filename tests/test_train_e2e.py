@@ -1,0 +1,106 @@
+"""End to end: train_new.py trains only the embedding, writes the run folder, resumes; txt2img.py samples."""
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_new
+import txt2img
+
+CONFIG = "configs/tiny/txt2img-tiny-finetune.yaml"
+
+
+@pytest.fixture(scope="module")
+def ckpt(fixture_dir):
+    return str(fixture_dir / "state_dict.safetensors")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("concept")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        arr = np.zeros((20, 20, 3), np.uint8)
+        arr[4:16, 4:16] = rng.integers(0, 255, 3)
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+    return str(folder)
+
+
+def train_args(images, ckpt, logdir, *extra):
+    return ["--base", CONFIG, "-t", "--actual_resume", ckpt, "-n", "test", "--data_root", images,
+            "--init_word", "dog", "--placeholder_string", "*", "-l", str(logdir), *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(images, ckpt, tmp_path_factory):
+    os.environ.pop("LDM_RUN_STAMP", None)
+    return train_new.main(train_args(images, ckpt, tmp_path_factory.mktemp("logs")))
+
+
+def test_only_the_embedding_trains(trained, ckpt):
+    model = trained.model
+    reference = load_file(ckpt)
+    state = model.state_dict()
+    for key, value in reference.items():
+        assert torch.equal(state[key], value), f"frozen weight {key} changed"
+    vector = model.embedding_manager.string_to_param_dict["*"]
+    initial = reference["cond_stage_model.transformer.token_emb.weight"][3899]  # "dog"
+    assert not torch.allclose(vector.detach()[0], initial), "the placeholder vector did not move"
+    optimizer_params = [p for g in trained.trainer.optimizers[0].param_groups for p in g["params"]]
+    assert [id(p) for p in optimizer_params] == [id(p) for p in model.embedding_manager.embedding_parameters()]
+    for frozen in (model.model, model.first_stage_model, model.cond_stage_model):
+        assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_run_folder(trained):
+    d = trained.logdir
+    assert os.path.basename(d).startswith("concept") and d.endswith("_test")
+    for pattern in ("configs/*-project.yaml", "configs/*-lightning.yaml", "checkpoints/embeddings_gs-10.pt",
+                    "checkpoints/embeddings_gs-20.pt", "checkpoints/embeddings.pt", "checkpoints/last.ckpt",
+                    "images/train/samples_gs-000020_e-*_b-*.png", "images/train/inputs_gs-000010_*.png",
+                    "metrics.csv", "loss.png"):
+        assert glob.glob(os.path.join(d, pattern)), pattern
+    saved = torch.load(os.path.join(d, "checkpoints", "embeddings.pt"), weights_only=True)
+    assert set(saved) == {"string_to_token", "string_to_param"}
+    assert saved["string_to_param"]["*"].shape == (1, 32)
+    assert not glob.glob(os.path.join(d, "**", ".tmp-*"), recursive=True)
+
+
+def test_resume_continues_the_step_count(trained, images, ckpt):
+    saved = torch.load(os.path.join(trained.logdir, "checkpoints", "embeddings.pt"), weights_only=True)
+    restored = train_new.main(["-r", trained.logdir, "-t", "lightning.trainer.max_steps=20"])
+    assert restored.trainer.global_step == 20
+    assert torch.equal(restored.model.embedding_manager.string_to_param_dict["*"].detach(), saved["string_to_param"]["*"])
+    assert restored.trainer.optimizers[0].state, "optimizer state was not restored"
+    resumed = train_new.main(["-r", trained.logdir, "-t", "lightning.trainer.max_steps=30"])
+    assert resumed.logdir == trained.logdir
+    assert resumed.trainer.global_step == 30
+    assert os.path.exists(os.path.join(trained.logdir, "checkpoints", "embeddings_gs-30.pt"))
+    moved = resumed.model.embedding_manager.string_to_param_dict["*"].detach()
+    assert not torch.equal(moved, saved["string_to_param"]["*"])  # it trained on from the saved vector
+
+
+def test_txt2img_with_the_learned_embedding(trained, ckpt, tmp_path, caplog):
+    emb = os.path.join(trained.logdir, "checkpoints", "embeddings.pt")
+    written = txt2img.main(["--config", CONFIG, "--ckpt_path", ckpt, "--embedding_path", emb, "--prompt",
+                            "a photo of *", "--ddim_steps", "5", "--outdir", str(tmp_path), "--H", "16", "--W", "16",
+                            "--n_samples", "2", "--n_iter", "1", "--scale", "3.0"])
+    assert len(written) == 2 and all(Image.open(p).size == (16, 16) for p in written)
+    assert glob.glob(str(tmp_path / "a-photo-of-star-*.png"))
+    txt2img.main(["--config", CONFIG, "--ckpt_path", ckpt, "--embedding_path", emb, "--prompt", "a photo of a dog",
+                  "--ddim_steps", "2", "--outdir", str(tmp_path), "--H", "16", "--W", "16", "--n_samples", "1"])
+    assert "does not contain the learned placeholder" in caplog.text
+
+
+def test_embedding_changes_the_conditioning_only_through_the_placeholder(trained):
+    model = trained.model
+    with torch.no_grad():
+        with_emb = model.get_learned_conditioning(["a photo of *"])
+        manager, model.embedding_manager = model.embedding_manager, None
+        without = model.get_learned_conditioning(["a photo of *"])
+        model.embedding_manager = manager
+    assert not torch.allclose(with_emb, without)
