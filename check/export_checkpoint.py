@@ -1,0 +1,75 @@
+"""Export the weights of a training run (its last.ckpt) as a .safetensors file to ship or to load elsewhere.
+
+    python check/export_checkpoint.py logs/pretrain/<run>_ae --out models/ldm/tiny-shapes/first_stage.safetensors
+    python check/export_checkpoint.py logs/pretrain/<run>_ldm --out models/ldm/tiny-shapes/model.safetensors --half
+
+--half stores weights as float16 (schedule buffers stay float32); loading casts them back to float32.
+For an autoencoder run it also prints the latent scale factor (1 / std of latents) for the LDM config.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS  # noqa: E402
+from ldm.util import atomic_path  # noqa: E402
+from load import read_state_dict  # noqa: E402
+
+
+def checkpoint_of(path):
+    return path if os.path.isfile(path) else os.path.join(path, "checkpoints", "last.ckpt")
+
+
+def convert(state, half):
+    out = {}
+    for key, value in state.items():
+        keep = not half or key in SCHEDULE_BUFFERS or not value.is_floating_point()
+        out[key] = value.contiguous() if keep else value.half().contiguous()
+    return out
+
+
+def latent_scale_factor(run_dir, n=512):
+    """1 / std of first-stage latents over n training images of the run's dataset."""
+    from glob import glob
+
+    from omegaconf import OmegaConf
+
+    from ldm.models.autoencoder import images_from_batch
+    from load import load_model_from_config
+
+    cfg = OmegaConf.load(sorted(glob(os.path.join(run_dir, "configs", "*-project.yaml")))[-1])
+    model = load_model_from_config(cfg, checkpoint_of(run_dir))
+    data = [instantiate(cfg.data.params.train)[i] for i in range(n)]
+    x = images_from_batch({"image": torch.stack([torch.from_numpy(d["image"]) for d in data])}, "image")
+    with torch.no_grad():
+        z = model.encode(x).sample()
+    return 1.0 / z.flatten().std().item()
+
+
+def instantiate(cfg):
+    from ldm.util import instantiate_from_config
+    return instantiate_from_config(cfg)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run folder (uses checkpoints/last.ckpt) or a checkpoint file")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--half", action="store_true", help="store float weights as float16")
+    args = p.parse_args(argv)
+    from safetensors.torch import save_file
+
+    state, info = read_state_dict(checkpoint_of(args.run))
+    with atomic_path(args.out) as tmp:
+        save_file(convert(state, args.half), tmp, metadata={"global_step": str(info.get("global_step", ""))})
+    print(f"wrote {args.out}: {len(state)} tensors, {os.path.getsize(args.out) / 2**20:.1f} MiB, "
+          f"step {info.get('global_step', '?')}")
+    if any(k.startswith("encoder.") for k in state) and os.path.isdir(args.run):
+        print(f"latent scale_factor for the LDM config: {latent_scale_factor(args.run):.5f}")
+
+
+if __name__ == "__main__":
+    main()
