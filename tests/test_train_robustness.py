@@ -100,3 +100,20 @@ def test_bad_input_gets_one_line(case, expect, images, ckpt, tmp_path, manifest_
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expect in errors[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_txt2img_embedding_of_another_width_names_both(ckpt, tmp_path):
+    emb = tmp_path / "wide.pt"
+    torch.save({"string_to_token": {"*": torch.tensor(1008)}, "string_to_param": {"*": torch.zeros(1, 768)}}, emb)
+    out = run([sys.executable, "txt2img.py", "--config", CONFIG, "--ckpt_path", ckpt, "--embedding_path", str(emb),
+               "--prompt", "a photo of *", "--outdir", str(tmp_path / "out"), "--ddim_steps", "2"])
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "768" in errors[0] and "32" in errors[0], out.stderr[-2000:]
+
+
+def test_check_model_reports_frozen_and_trainable(ckpt):
+    out = run([sys.executable, "check/model.py", "--config", CONFIG, "--ckpt", ckpt])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "0 missing, 0 unexpected" in out.stdout + out.stderr
+    assert "optimizer would hold 1 tensor(s), 32 values" in out.stdout
