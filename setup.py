@@ -102,5 +102,6 @@ class EmbeddingCheckpoint(pl.Callback):
             checkpoint = trainer._checkpoint_connector.dump_checkpoint()
             with atomic_path(os.path.join(self.ckptdir, "last.ckpt")) as tmp:
                 torch.save(checkpoint, tmp)
-            log.warning("run interrupted (%s): embedding and last.ckpt saved in %s; resume with -r",
-                        type(exception).__name__, self.ckptdir)
+            saved = "embedding and last.ckpt" if getattr(pl_module, "embedding_manager", None) else "last.ckpt"
+            log.warning("run interrupted (%s): %s saved in %s; resume with -r", type(exception).__name__, saved,
+                        self.ckptdir)

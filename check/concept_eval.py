@@ -1,0 +1,128 @@
+"""Textual-inversion scores for shapes-world concepts, read analytically from generated pixels.
+
+Fidelity: share of "a photo of a *" samples showing all five concept attributes. Editability:
+share of edit-prompt samples showing the edited value while keeping the other four. The baseline
+replaces `*` by the concept's init word. Scoring a folder of samples:
+
+    python -m check.concept_eval --images outputs/txt2img --spec dataset/checker_red_circle/concept.json
+"""
+import argparse
+import json
+
+import numpy as np
+
+from ldm.data.images import list_images, load_rgb
+from ldm.data.shapes_palette import ATTRIBUTES
+from ldm.data.shapes_readers import read_attributes
+
+PLACEHOLDER = "*"
+FIDELITY_PROMPT = "a photo of a *"
+
+
+def _read_all(images):
+    """images: list of (H, W, 3) uint8 -> list of attribute dicts; at least one image is required."""
+    if len(images) == 0:
+        raise ValueError("no images to score: the generator or folder returned none")
+    return [read_attributes(np.asarray(img)) for img in images]
+
+
+def _share_matching(reads, expected):
+    return float(np.mean([all(r[a] == v for a, v in expected.items()) for r in reads]))
+
+
+def per_attribute_match(images, spec):
+    """{attribute: share of images whose read value equals the concept's}."""
+    reads = _read_all(images)
+    return {a: _share_matching(reads, {a: spec["attributes"][a]}) for a in ATTRIBUTES}
+
+
+def concept_fidelity(images, spec):
+    """Share of images showing all five attributes of the concept."""
+    return _share_matching(_read_all(images), spec["attributes"])
+
+
+def edit_success(images, spec, edit):
+    """Share of images showing edit["attribute"] = edit["value"] and the concept's other four attributes."""
+    expected = {**spec["attributes"], edit["attribute"]: edit["value"]}
+    return _share_matching(_read_all(images), expected)
+
+
+def _evaluate_word(generate, spec, word, n):
+    """Scores of the prompts with `*` replaced by word; generate(prompt, n) -> list of (H, W, 3) uint8."""
+    images = generate(FIDELITY_PROMPT.replace(PLACEHOLDER, word), n)
+    edits = {e["prompt"]: edit_success(generate(e["prompt"].replace(PLACEHOLDER, word), n), spec, e)
+             for e in spec["edits"]}
+    return {
+        "word": word,
+        "fidelity": concept_fidelity(images, spec),
+        "editability": float(np.mean(list(edits.values()))) if edits else float("nan"),
+        "per_attribute": per_attribute_match(images, spec),
+        "edits": edits,
+    }
+
+
+def evaluate_concept(generate, spec, n=64, baseline=True):
+    """{"concept": name, "pseudo_word": scores, "init_word": scores (with baseline)}.
+
+    scores = {word, fidelity, editability (mean over edits), per_attribute, edits {prompt: share}};
+    generate(prompt: str, n: int) -> list of (H, W, 3) uint8 is the caller's sampler.
+    """
+    result = {"concept": spec["name"], "pseudo_word": _evaluate_word(generate, spec, PLACEHOLDER, n)}
+    if baseline:
+        result["init_word"] = _evaluate_word(generate, spec, spec["init_word"], n)
+    return result
+
+
+def evaluation_rows(evaluation):
+    """Flat table rows (concept, word, fidelity, editability, one column per attribute) of evaluate_concept's result."""
+    rows = []
+    for key in ("pseudo_word", "init_word"):
+        if key in evaluation:
+            scores = evaluation[key]
+            rows.append({"concept": evaluation["concept"], "word": scores["word"], "fidelity": scores["fidelity"],
+                         "editability": scores["editability"], **scores["per_attribute"]})
+    return rows
+
+
+def _cell(value):
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def format_table(rows):
+    """Markdown table of rows (dicts sharing the first row's keys); floats to three decimals."""
+    if not rows:
+        raise ValueError("format_table needs at least one row")
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _find_edit(spec, prompt):
+    """The spec's edit with this prompt, or None."""
+    return next((e for e in spec["edits"] if e["prompt"] == prompt), None)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Score a folder of generated PNGs against a concept spec.")
+    parser.add_argument("--images", required=True, help="folder of generated images")
+    parser.add_argument("--spec", required=True, help="concept.json written by ldm.data.shapes_world")
+    parser.add_argument("--edit", help="score the folder as samples of this edit prompt of the spec")
+    args = parser.parse_args(argv)
+    with open(args.spec) as f:
+        spec = json.load(f)
+    edit = _find_edit(spec, args.edit)
+    if args.edit and edit is None:
+        parser.error(f"--edit '{args.edit}' is not in the spec: use one of "
+                     + ", ".join(repr(e["prompt"]) for e in spec["edits"]))
+    images = [load_rgb(p) for p in list_images(args.images)]
+    row = {"concept": spec["name"], "images": len(images)}
+    if edit:
+        row["edit_success"] = edit_success(images, spec, edit)
+    row["fidelity"] = concept_fidelity(images, spec)
+    row.update(per_attribute_match(images, spec))
+    print(format_table([row]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The shapes world's vocabulary: attribute values, their colours, and the hidden "home" association.
+
+Named attributes (shape, colour) appear in captions; unnamed ones (pattern, background, outline)
+never do. Each shape word has a home pattern and a home outline, each colour word a home
+background; pretraining images take the home value with probability `p_home`, so the text
+embedding space carries a direction for every unnamed value without any word naming it.
+"""
+
+ATTRIBUTES = ("shape", "colour", "pattern", "background", "outline")
+NAMED = ("shape", "colour")
+UNNAMED = ("pattern", "background", "outline")
+
+SHAPES = ("circle", "square", "triangle", "cross")
+
+# Saturated fills; the dark phase of a pattern is the same colour times DARK_PHASE, so hue is kept.
+COLOURS = {
+    "red": (225, 35, 45),
+    "orange": (245, 125, 20),
+    "yellow": (235, 225, 40),
+    "green": (40, 180, 70),
+    "blue": (40, 90, 230),
+    "purple": (150, 60, 210),
+}
+DARK_PHASE = 0.5
+
+PATTERNS = ("solid", "stripes", "checker")
+PATTERN_PERIOD = 8  # pixels; 4-px bands survive an f4 autoencoder
+
+# Mid-tone backgrounds at least 95 RGB units from every fill (both phases) and both outline colours.
+BACKGROUNDS = {
+    "slate": (90, 120, 130),
+    "sand": (215, 195, 150),
+    "mint": (150, 225, 205),
+    "lilac": (190, 170, 230),
+}
+
+OUTLINES = {"none": None, "white": (250, 250, 250), "black": (10, 10, 10)}
+OUTLINE_WIDTH = 2  # pixels, drawn inside the shape so the silhouette does not change
+
+VALUES = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "pattern": PATTERNS,
+    "background": tuple(BACKGROUNDS),
+    "outline": tuple(OUTLINES),
+}
+
+#            shape word -> (home pattern, home outline)
+SHAPE_HOMES = {
+    "circle": ("stripes", "white"),
+    "square": ("checker", "none"),
+    "triangle": ("solid", "black"),
+    "cross": ("solid", "none"),
+}
+
+#             colour word -> home background
+COLOUR_HOMES = {
+    "red": "mint",
+    "orange": "slate",
+    "yellow": "lilac",
+    "green": "sand",
+    "blue": "slate",
+    "purple": "sand",
+}
+
+
+def home_values(shape, colour):
+    """The home value of every unnamed attribute for the named pair (shape, colour)."""
+    pattern, outline = SHAPE_HOMES[shape]
+    return {"pattern": pattern, "background": COLOUR_HOMES[colour], "outline": outline}
+
+
+# The textual-inversion object templates, minus those whose adjective describes appearance
+# (dark, bright, clean, dirty, small, large), which the world could not honour.
+TEMPLATES = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the weird {}",
+    "a photo of a cool {}",
+)

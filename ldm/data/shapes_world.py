@@ -1,0 +1,121 @@
+"""The shapes world: captioned 32x32 images for pretraining a tiny text-to-image model.
+
+Captions name a shape and a colour; pattern, background and outline are never named but follow
+the home tables of `shapes_palette` with probability p_home. The held-out concept tuples of
+`shapes_concepts` are never sampled.
+
+    python -m ldm.data.shapes_world --write_concepts dataset/ --grid world.png
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+from ldm.data.shapes_concepts import CONCEPT_TUPLES, CONCEPTS
+from ldm.data.shapes_draw import CANVAS, render
+from ldm.data.shapes_palette import ATTRIBUTES, TEMPLATES, VALUES, home_values
+
+SPLITS = {"train": 0, "val": 1}  # the split index is part of every item's seed
+
+
+def _choice(rng, values):
+    return values[rng.integers(len(values))]
+
+
+def _home_or_other(rng, values, home, p_home):
+    """`home` with probability p_home, else one of the other values uniformly."""
+    if rng.random() < p_home:
+        return home
+    return _choice(rng, [v for v in values if v != home])
+
+
+def sample_attributes(rng, held_out=CONCEPT_TUPLES, p_home=0.6):
+    """One pretraining attribute dict {shape, colour, pattern, background, outline}.
+
+    Named values are uniform; each unnamed value is the home of its named word with probability
+    p_home. Tuples (in ATTRIBUTES order) listed in `held_out` are rejected and redrawn.
+    """
+    while True:
+        attrs = {"shape": _choice(rng, VALUES["shape"]), "colour": _choice(rng, VALUES["colour"])}
+        for name, home in home_values(attrs["shape"], attrs["colour"]).items():
+            attrs[name] = _home_or_other(rng, VALUES[name], home, p_home)
+        if tuple(attrs[a] for a in ATTRIBUTES) not in held_out:
+            return attrs
+
+
+def caption(attrs, rng):
+    """An object template filled with "{colour} {shape}", e.g. "a rendering of a red circle"."""
+    return _choice(rng, TEMPLATES).format(f"{attrs['colour']} {attrs['shape']}")
+
+
+class ShapesWorld(Dataset):
+    """Items {"image": (size, size, 3) float32 in [-1, 1], "caption": str}; item i depends only on (seed, split, i)."""
+
+    def __init__(self, size=32, length=50000, seed=0, p_home=0.6, split="train"):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
+        self.size, self.length, self.seed, self.p_home, self.split = size, length, seed, p_home, split
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.length:
+            raise IndexError(f"index {i} is outside a ShapesWorld of length {self.length}")
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], i])
+        attrs = sample_attributes(rng, p_home=self.p_home)
+        image = render(attrs, rng)
+        if self.size != CANVAS:
+            image = np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BICUBIC))
+        return {"image": image.astype(np.float32) / 127.5 - 1.0, "caption": caption(attrs, rng)}
+
+
+def write_concept_dataset(concept, folder, n_images=5, seed=0):
+    """Write n_images renders of `concept` (size and position vary) as NN.png plus concept.json into `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    for k in range(n_images):
+        image = render(concept["attributes"], np.random.default_rng([seed, k]))
+        Image.fromarray(image).save(os.path.join(folder, f"{k:02d}.png"))
+    with open(os.path.join(folder, "concept.json"), "w") as f:
+        json.dump(concept, f, indent=2)
+        f.write("\n")
+
+
+def labelled_grid(n=48, columns=8, seed=0, scale=4):
+    """A PIL grid of n pretraining samples, each labelled with all five attributes."""
+    tile, label_h = CANVAS * scale, 24
+    rows = -(-n // columns)
+    grid = Image.new("RGB", (columns * tile, rows * (tile + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k in range(n):
+        rng = np.random.default_rng([seed, SPLITS["val"], k])
+        attrs = sample_attributes(rng)
+        x, y = (k % columns) * tile, (k // columns) * (tile + label_h)
+        grid.paste(Image.fromarray(render(attrs, rng)).resize((tile, tile), Image.Resampling.NEAREST), (x, y))
+        text = f"{attrs['colour']} {attrs['shape']}\n{attrs['pattern']} {attrs['background']} {attrs['outline']}"
+        draw.multiline_text((x + 2, y + tile + 1), text, fill="black", spacing=1)
+    return grid
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Shapes world: write the concept folders or a sample grid.")
+    parser.add_argument("--write_concepts", metavar="DIR", help="write DIR/<concept-name>/ for every concept")
+    parser.add_argument("--n_images", type=int, default=5, help="images per concept folder")
+    parser.add_argument("--grid", metavar="PNG", help="write a labelled grid of pretraining samples")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not (args.write_concepts or args.grid):
+        parser.error("nothing to do: give --write_concepts DIR and/or --grid PNG")
+    if args.write_concepts:
+        for k, concept in enumerate(CONCEPTS):
+            write_concept_dataset(concept, os.path.join(args.write_concepts, concept["name"]), args.n_images,
+                                  seed=args.seed + k)
+    if args.grid:
+        labelled_grid(seed=args.seed).save(args.grid)
+
+
+if __name__ == "__main__":
+    main()

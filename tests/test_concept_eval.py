@@ -1,0 +1,152 @@
+"""Pixel readers recover every attribute, and the concept scores count what they should."""
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from check.concept_eval import (concept_fidelity, edit_success, evaluate_concept, evaluation_rows, format_table,
+                                main, per_attribute_match)
+from ldm.data.mask_ops import erode, erode_round, fill_holes, label_components, largest_component
+from ldm.data.shapes_concepts import CONCEPTS
+from ldm.data.shapes_palette import ATTRIBUTES, BACKGROUNDS, VALUES, home_values
+from ldm.data.shapes_readers import read_attributes
+from ldm.data.shapes_world import render, sample_attributes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = CONCEPTS[0]  # checker red circle, black outline, slate background
+
+
+def _blur(x, sigma):
+    """Separable Gaussian blur of x: (H, W, 3) float, edges replicated."""
+    r = int(np.ceil(3 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    for axis in (0, 1):
+        pad = [(r, r) if a == axis else (0, 0) for a in range(3)]
+        p = np.pad(x, pad, mode="edge")
+        x = sum(w * np.take(p, np.arange(i, i + x.shape[axis]), axis=axis) for i, w in enumerate(k))
+    return x
+
+
+def _degrade(img, rng):
+    """Mimic a generated sample: blur sigma 0.6, noise std 6/255, a colour shift of up to 8/255, JPEG q90."""
+    x = _blur(img.astype(float), 0.6) + rng.normal(0, 6, img.shape) + rng.uniform(-8, 8, 3)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.round(x), 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def _all_correct_share(n, degrade):
+    hits = []
+    for i in range(n):
+        rng = np.random.default_rng([11, i])
+        attrs = sample_attributes(rng, p_home=0.0 if i % 2 else 0.6)  # half far from home: every combination
+        img = render(attrs, rng)
+        hits.append(read_attributes(_degrade(img, rng) if degrade else img) == attrs)
+    return np.mean(hits)
+
+
+def test_readers_recover_clean_images():
+    assert _all_correct_share(500, degrade=False) >= 0.99
+
+
+def test_readers_survive_mild_degradation():
+    assert _all_correct_share(500, degrade=True) >= 0.95
+
+
+def test_readers_say_unknown_without_an_object():
+    plain = np.broadcast_to(np.asarray(BACKGROUNDS["sand"], np.uint8), (32, 32, 3)).copy()
+    assert read_attributes(plain) == dict.fromkeys(ATTRIBUTES, "unknown") | {"background": "sand"}
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert read_attributes(noise)["background"] == "unknown"
+
+
+def test_readers_accept_other_sizes():
+    img = render(SPEC["attributes"], np.random.default_rng(0))
+    big = np.asarray(Image.fromarray(img).resize((64, 64), Image.Resampling.BICUBIC))
+    assert read_attributes(big) == SPEC["attributes"]
+    with pytest.raises(ValueError, match="uint8"):
+        read_attributes(img.astype(np.float32))
+
+
+def _renders(attrs, n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [render(attrs, rng) for _ in range(n)]
+
+
+def test_scores_on_hand_made_cases():
+    right = _renders(SPEC["attributes"])
+    wrong_background = _renders({**SPEC["attributes"], "background": "mint"})
+    edit = SPEC["edits"][0]
+    edited = _renders({**SPEC["attributes"], edit["attribute"]: edit["value"]})
+    assert concept_fidelity(right, SPEC) == 1.0 and concept_fidelity(wrong_background, SPEC) == 0.0
+    assert per_attribute_match(wrong_background, SPEC) == dict.fromkeys(ATTRIBUTES, 1.0) | {"background": 0.0}
+    assert concept_fidelity(right + wrong_background, SPEC) == 0.5
+    assert edit_success(edited, SPEC, edit) == 1.0 and concept_fidelity(edited, SPEC) == 0.0
+    assert edit_success(right, SPEC, edit) == 0.0
+    edited_wrong_background = _renders({**SPEC["attributes"], edit["attribute"]: edit["value"], "background": "mint"})
+    assert edit_success(edited_wrong_background, SPEC, edit) == 0.0
+    with pytest.raises(ValueError, match="no images"):
+        concept_fidelity([], SPEC)
+
+
+def _fake_generate(prompts):
+    """A sampler that gets `*` right and gives the init word its home values; records the prompts."""
+    def generate(prompt, n):
+        prompts.append(prompt)
+        words = prompt.split()
+        colour = words[-2] if words[-2] in VALUES["colour"] else SPEC["attributes"]["colour"]
+        attrs = {**SPEC["attributes"], "colour": colour}
+        if words[-1] != "*":
+            attrs.update(home_values(attrs["shape"], colour))
+        return _renders(attrs, n)
+    return generate
+
+
+def test_evaluate_concept_with_a_fake_sampler():
+    prompts = []
+    result = evaluate_concept(_fake_generate(prompts), SPEC, n=3)
+    assert prompts == ["a photo of a *", "a photo of a blue *", "a photo of a yellow *",
+                       "a photo of a circle", "a photo of a blue circle", "a photo of a yellow circle"]
+    star, init = result["pseudo_word"], result["init_word"]
+    assert (star["word"], star["fidelity"], star["editability"]) == ("*", 1.0, 1.0)
+    assert (init["word"], init["fidelity"], init["editability"]) == ("circle", 0.0, 0.0)
+    assert init["per_attribute"]["shape"] == 1.0 and init["per_attribute"]["background"] == 0.0
+    assert "init_word" not in evaluate_concept(_fake_generate([]), SPEC, n=1, baseline=False)
+    table = format_table(evaluation_rows(result)).splitlines()
+    assert len(table) == 4 and table[0].startswith("| concept | word | fidelity | editability | shape")
+    assert table[2].startswith(f"| {SPEC['name']} | * | 1.000 | 1.000 |")
+
+
+def test_shipped_concept_images_score_full_fidelity():
+    for concept in CONCEPTS:
+        folder = os.path.join(REPO, "dataset", concept["name"])
+        images = [np.asarray(Image.open(os.path.join(folder, p)).convert("RGB"))
+                  for p in sorted(os.listdir(folder)) if p.endswith(".png")]
+        assert concept_fidelity(images, concept) == 1.0, concept["name"]
+
+
+def test_cli_scores_a_folder(tmp_path, capsys):
+    for k, img in enumerate(_renders(SPEC["attributes"], n=2)):
+        Image.fromarray(img).save(tmp_path / f"{k}.png")
+    spec_path = os.path.join(REPO, "dataset", SPEC["name"], "concept.json")
+    main(["--images", str(tmp_path), "--spec", spec_path, "--edit", SPEC["edits"][0]["prompt"]])
+    lines = capsys.readouterr().out.splitlines()
+    header = "| concept | images | edit_success | fidelity | shape | colour | pattern | background | outline |"
+    assert lines[0] == header
+    assert lines[2] == f"| {SPEC['name']} | 2 | 0.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |"
+
+
+def test_mask_ops():
+    mask = np.zeros((7, 7), bool)
+    mask[1:6, 1:6] = True
+    mask[3, 3] = False  # a hole
+    mask[0, 6] = True  # a second component, touching only diagonally
+    labels = label_components(mask)
+    assert len(set(labels[mask].tolist())) == 2 and (labels[~mask] == 0).all()
+    assert largest_component(mask).sum() == 24 and fill_holes(mask)[3, 3]
+    ell = np.zeros((9, 9), bool)
+    ell[1:8, 1:4] = ell[5:8, 1:8] = True  # an L; (4, 4) is off, diagonal to its inner corner
+    assert erode(ell, 1)[5, 3] and not erode_round(ell, 1)[5, 3]  # the pixel diagonal to the corner
