@@ -1,0 +1,120 @@
+"""The textual-inversion quality table of every shipped concept on the shipped tiny model.
+
+    python check/concept_table.py                      # train missing embeddings, then score all
+    python check/concept_table.py --captions           # also: does the pretrained model follow captions?
+
+For each `dataset/<concept>/` a TI embedding is trained with the default settings
+(configs/tiny-shapes/finetune.yaml) unless `<embeddings>/<concept>.pt` exists, then n samples of
+"a photo of a *" and of each edit prompt are read analytically (check/concept_eval.py), beside the
+init-word baseline. Prints a markdown table; `--out` also writes it to a file.
+"""
+import argparse
+import datetime
+import glob
+import json
+import os
+import shutil
+import sys
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from check.concept_eval import evaluate_concept, format_table  # noqa: E402
+from ldm.data.shapes_palette import COLOURS, SHAPES  # noqa: E402
+from ldm.data.shapes_readers import read_attributes  # noqa: E402
+from ldm.models.diffusion.sampling import sample_latents  # noqa: E402
+from load import load_model_from_config  # noqa: E402
+
+MODEL_DIR = "models/ldm/tiny-shapes"
+FINETUNE = "configs/tiny-shapes/finetune.yaml"
+
+
+def train_embedding(spec, folder, out, extra):
+    """Run train_new.py's code path for one concept; copy its final embeddings.pt to `out`."""
+    import train_new
+
+    os.environ.pop("LDM_RUN_STAMP", None)
+    run = train_new.main(["--base", f"{MODEL_DIR}/config.yaml", FINETUNE, "-t", "--actual_resume",
+                          f"{MODEL_DIR}/model.safetensors", "-n", spec["name"], "--data_root", folder,
+                          "--init_word", spec["init_word"], "--placeholder_string", "*", "-l", "logs/concepts", *extra])
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    shutil.copyfile(os.path.join(run.logdir, "checkpoints", "embeddings.pt"), out)
+
+
+def make_sampler(model, steps, scale, seed):
+    """generate(prompt, n) -> list of uint8 (32, 32, 3), batched, seeded per prompt."""
+    def generate(prompt, n):
+        g = torch.Generator().manual_seed(seed)
+        z = sample_latents(model, [prompt] * n, (n, model.channels, model.image_size, model.image_size),
+                           steps=steps, scale=scale, generator=g)
+        x = model.decode_first_stage(z).clamp(-1, 1)
+        return list(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    return generate
+
+
+def caption_following(generate, n):
+    """Share of samples of "a photo of a {colour} {shape}" whose shape and colour both read back right."""
+    rows = []
+    for shape in SHAPES:
+        for colour in COLOURS:
+            reads = [read_attributes(img) for img in generate(f"a photo of a {colour} {shape}", n)]
+            hit = sum(r["shape"] == shape and r["colour"] == colour for r in reads) / n
+            rows.append({"caption": f"{colour} {shape}", "named_match": hit,
+                         "shape": sum(r["shape"] == shape for r in reads) / n,
+                         "colour": sum(r["colour"] == colour for r in reads) / n})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all in dataset/)")
+    p.add_argument("--embeddings", default="outputs/concept_embeddings", help="folder of <concept>.pt files")
+    p.add_argument("--n", type=int, default=64, help="samples per prompt")
+    p.add_argument("--ddim_steps", type=int, default=50)
+    p.add_argument("--scale", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--captions", action="store_true", help="also score caption following of the base model")
+    p.add_argument("--out", default=None, help="write the tables (markdown) here too")
+    p.add_argument("train_overrides", nargs="*", help="key=value overrides for the TI runs")
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+
+    specs = [json.load(open(f)) for f in sorted(glob.glob("dataset/*/concept.json"))]
+    specs = [s for s in specs if args.concepts is None or s["name"] in args.concepts]
+    for spec in specs:
+        out = os.path.join(args.embeddings, f"{spec['name']}.pt")
+        if not os.path.exists(out):
+            with torch.enable_grad():
+                train_embedding(spec, os.path.join("dataset", spec["name"]), out, args.train_overrides)
+
+    config = OmegaConf.merge(OmegaConf.load(f"{MODEL_DIR}/config.yaml"), OmegaConf.load(FINETUNE))
+    model = load_model_from_config(config, f"{MODEL_DIR}/model.safetensors")
+    generate = make_sampler(model, args.ddim_steps, args.scale, args.seed)
+    sections = [f"Measured {datetime.date.today()}: n={args.n} per prompt, DDIM {args.ddim_steps} steps, "
+                f"guidance {args.scale}."]
+    if args.captions:
+        manager, model.embedding_manager = model.embedding_manager, None
+        rows = caption_following(generate, args.n)
+        model.embedding_manager = manager
+        sections.append("Caption following of the pretrained model:\n\n" + format_table(rows))
+    rows = []
+    for spec in specs:
+        model.embedding_manager.load(os.path.join(args.embeddings, f"{spec['name']}.pt"))
+        result = evaluate_concept(generate, spec, n=args.n)
+        for key in ("pseudo_word", "init_word"):
+            s = result[key]
+            rows.append({"concept": spec["name"], "prompt word": s["word"], "fidelity": s["fidelity"],
+                         "editability": s["editability"],
+                         **{a: v for a, v in s["per_attribute"].items()}})
+    sections.append("Textual inversion (`*`) vs the init-word baseline:\n\n" + format_table(rows))
+    text = "\n\n".join(sections)
+    print(text)
+    if args.out:
+        from ldm.util import atomic_write_text
+        atomic_write_text(text + "\n", args.out)
+
+
+if __name__ == "__main__":
+    main()
