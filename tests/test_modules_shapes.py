@@ -1,0 +1,63 @@
+"""Shapes of each module, and samplers checked against a closed form."""
+import pytest
+import torch
+
+from ldm.models.autoencoder import AutoencoderKL, VQModel
+from ldm.models.diffusion.sampling import ddim_schedule, sample_ddim, sample_plms
+from ldm.models.diffusion.schedule import make_beta_schedule, schedule_tensors
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+DD = dict(double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2, 2],
+          num_res_blocks=1, attn_resolutions=[8], dropout=0.0)
+
+
+def test_autoencoder_kl_shapes():
+    ae = AutoencoderKL(DD, {"target": "torch.nn.Identity"}, embed_dim=4)
+    x = torch.randn(2, 3, 32, 32)
+    post = ae.encode(x)
+    assert post.mean.shape == (2, 4, 8, 8) and ae.decode(post.sample()).shape == (2, 3, 32, 32)
+
+
+def test_vq_model_shapes():
+    vq = VQModel({**DD, "double_z": False}, {"target": "torch.nn.Identity"}, n_embed=16, embed_dim=4)
+    h = vq.encode(torch.randn(2, 3, 32, 32))
+    z_q, loss, idx = vq.quantize_latents(h)
+    assert h.shape == z_q.shape == (2, 4, 8, 8) and idx.shape == (2, 8, 8) and loss.dim() == 0
+    assert vq.decode_indices(idx).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_unet_shapes(legacy):
+    unet = UNetModel(8, 4, 32, 4, 1, [1, 2], channel_mult=[1, 2], num_heads=4, context_dim=16, legacy=legacy)
+    eps = unet(torch.randn(3, 4, 8, 8), torch.tensor([1, 500, 999]), context=torch.randn(3, 7, 16))
+    assert eps.shape == (3, 4, 8, 8)
+
+
+def test_unet_rejects_options_it_does_not_build():
+    with pytest.raises(NotImplementedError, match="use_scale_shift_norm"):
+        UNetModel(8, 4, 32, 4, 1, [1], channel_mult=[1], num_heads=4, context_dim=16, use_scale_shift_norm=True)
+
+
+@pytest.mark.parametrize("sampler", [sample_ddim, sample_plms])
+def test_zero_eps_sampling_follows_the_closed_form(sampler):
+    """With eps = 0 each step scales x by sqrt(a_prev / a): the chain telescopes."""
+    ac = schedule_tensors(make_beta_schedule("linear", 1000, 0.00085, 0.012))["alphas_cumprod"].float()
+    sched = ddim_schedule(ac, 10)
+    x_T = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    x0 = sampler(lambda x, t: torch.zeros_like(x), x_T, sched)
+    expected = x_T * (sched["a_prev"][0] / sched["a"][-1]).sqrt()
+    torch.testing.assert_close(x0, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_samplers_are_deterministic():
+    ac = schedule_tensors(make_beta_schedule("linear", 1000, 0.00085, 0.012))["alphas_cumprod"].float()
+    net = torch.nn.Conv2d(4, 4, 3, padding=1)
+    eps_fn = lambda x, t: net(x) * (t.float()[:, None, None, None] / 1000)  # noqa: E731
+    x_T = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        for sampler in (sample_ddim, sample_plms):
+            a, b = sampler(eps_fn, x_T, ddim_schedule(ac, 7)), sampler(eps_fn, x_T, ddim_schedule(ac, 7))
+            assert torch.equal(a, b)
+        g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+        s = ddim_schedule(ac, 7, eta=1.0)
+        assert torch.equal(sample_ddim(eps_fn, x_T, s, generator=g()), sample_ddim(eps_fn, x_T, s, generator=g()))
