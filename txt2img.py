@@ -31,7 +31,9 @@ def get_parser(default_config="configs/latent-diffusion/txt2img-1p4B-eval.yaml",
     p.add_argument("--from-file", dest="from_file", default=None, help="one prompt per line")
     p.add_argument("--outdir", default="outputs/txt2img-samples")
     p.add_argument("--ddim_steps", type=int, default=200)
-    p.add_argument("--plms", action="store_true", help="PLMS sampling instead of DDIM")
+    p.add_argument("--plms", action="store_true", help="PLMS sampling instead of DDIM (same as --sampler plms)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "plms", "dpmpp_2m"],
+                   help="dpmpp_2m: DPM-Solver++(2M), good in about 20 steps")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="0 is deterministic DDIM")
     p.add_argument("--n_iter", type=int, default=1, help="batches per prompt")
     p.add_argument("--H", type=int, default=256)
@@ -108,7 +110,7 @@ def run(opt):
         bar = tqdm(total=opt.n_iter * opt.ddim_steps, desc=prompt[:40], unit="step")
         for _ in range(opt.n_iter):
             z = sample_latents(model, [prompt] * opt.n_samples, latent_shape(model, opt), steps=opt.ddim_steps,
-                               scale=opt.scale, eta=opt.ddim_eta, sampler="plms" if opt.plms else "ddim",
+                               scale=opt.scale, eta=opt.ddim_eta, sampler="plms" if opt.plms else opt.sampler,
                                generator=generator, callback=lambda *a: bar.update(1))
             x = model.decode_first_stage(z)
             images.append(x)

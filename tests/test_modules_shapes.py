@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ldm.models.autoencoder import AutoencoderKL, VQModel
-from ldm.models.diffusion.sampling import ddim_schedule, sample_ddim, sample_plms
+from ldm.models.diffusion.sampling import ddim_schedule, sample_ddim, sample_dpmpp_2m, sample_plms
 from ldm.models.diffusion.schedule import make_beta_schedule, schedule_tensors
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -38,7 +38,7 @@ def test_unet_rejects_options_it_does_not_build():
         UNetModel(8, 4, 32, 4, 1, [1], channel_mult=[1], num_heads=4, context_dim=16, use_scale_shift_norm=True)
 
 
-@pytest.mark.parametrize("sampler", [sample_ddim, sample_plms])
+@pytest.mark.parametrize("sampler", [sample_ddim, sample_plms, sample_dpmpp_2m])
 def test_zero_eps_sampling_follows_the_closed_form(sampler):
     """With eps = 0 each step scales x by sqrt(a_prev / a): the chain telescopes."""
     ac = schedule_tensors(make_beta_schedule("linear", 1000, 0.00085, 0.012))["alphas_cumprod"].float()
@@ -55,7 +55,7 @@ def test_samplers_are_deterministic():
     eps_fn = lambda x, t: net(x) * (t.float()[:, None, None, None] / 1000)  # noqa: E731
     x_T = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        for sampler in (sample_ddim, sample_plms):
+        for sampler in (sample_ddim, sample_plms, sample_dpmpp_2m):
             a, b = sampler(eps_fn, x_T, ddim_schedule(ac, 7)), sampler(eps_fn, x_T, ddim_schedule(ac, 7))
             assert torch.equal(a, b)
         g = lambda: torch.Generator().manual_seed(3)  # noqa: E731

@@ -3,6 +3,8 @@
 `eps_fn(x, t) -> eps` with x: (B, C, h, w) and t: (B,) int64. Classifier-free guidance is a wrapper
 around the model (one batched forward for both halves), not a sampler option.
 """
+import math
+
 import numpy as np
 import torch
 
@@ -87,15 +89,42 @@ def sample_plms(eps_fn, x, sched, callback=None, generator=None):
     return x
 
 
-SAMPLERS = {"ddim": sample_ddim, "plms": sample_plms}
+@torch.no_grad()
+def sample_dpmpp_2m(eps_fn, x, sched, callback=None, generator=None):
+    """DPM-Solver++(2M) (Lu et al., 2022) on the DDIM timesteps, in data-prediction form.
+
+    With alpha = sqrt(a), sigma = sqrt(1 - a), lambda = log(alpha / sigma) and h = lambda_prev - lambda:
+    x_prev = (sigma_prev / sigma) x - alpha_prev (exp(-h) - 1) D, where D is the denoised estimate,
+    extrapolated from the previous step's estimate after the first step (second order).
+    """
+    old_x0, h_last = None, None
+    for k, (i, t, a, a_prev, _) in enumerate(_steps(sched)):
+        e = eps_fn(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        alpha, sigma, alpha_p, sigma_p = a ** 0.5, (1 - a) ** 0.5, a_prev ** 0.5, (1 - a_prev) ** 0.5
+        pred_x0 = (x - sigma * e) / alpha
+        h = math.log(alpha_p / sigma_p) - math.log(alpha / sigma)
+        d = pred_x0
+        if old_x0 is not None:
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * pred_x0 - (1 / (2 * r)) * old_x0
+        x = (sigma_p / sigma) * x - alpha_p * math.expm1(-h) * d
+        old_x0, h_last = pred_x0, h
+        if callback is not None:
+            callback(k, x, pred_x0)
+    return x
+
+
+SAMPLERS = {"ddim": sample_ddim, "plms": sample_plms, "dpmpp_2m": sample_dpmpp_2m}
 
 
 @torch.no_grad()
 def sample_latents(model, captions, shape, steps=50, scale=1.0, eta=0.0, sampler="ddim", x_T=None,
                    generator=None, callback=None):
     """Text -> scaled latents (B, C, h, w) with a LatentDiffusion model. uc is the empty prompt."""
-    if sampler == "plms" and eta != 0:
-        raise ValueError("PLMS is deterministic: use --ddim_eta 0 with --plms")
+    if sampler != "ddim" and eta != 0:
+        raise ValueError(f"{sampler} is deterministic here: use --ddim_eta 0 with it")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}' (use one of {', '.join(SAMPLERS)})")
     c = model.get_learned_conditioning(captions)
     uc = model.get_learned_conditioning([""] * len(captions)) if scale != 1.0 else None
     if x_T is None:
