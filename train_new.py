@@ -53,6 +53,8 @@ def get_parser(default_base=()):
     p.add_argument("--init_word", default=None, help="word the embedding starts from")
     p.add_argument("--placeholder_string", default=None, help="pseudo-word in captions, e.g. '*'")
     p.add_argument("--embedding_manager_ckpt", default=None, help="start from a saved embedding file")
+    p.add_argument("--allow_existing_token", action="store_true", default=None,
+                   help="let the placeholder be a word of the text encoder's vocabulary (its meaning is retrained)")
     p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
     return p
 
@@ -84,7 +86,7 @@ def build_config(opt, dotlist):
             raise UsageError(f"config not found: {path}")
     config = OmegaConf.merge(*[OmegaConf.load(p) for p in opt.base], OmegaConf.from_dotlist(dotlist))
     run = config.get("run", OmegaConf.create())
-    for key in ("actual_resume", "data_root", "init_word", "placeholder_string"):
+    for key in ("actual_resume", "data_root", "init_word", "placeholder_string", "allow_existing_token"):
         if getattr(opt, key) is not None:
             run[key] = getattr(opt, key)
     config.run = run
@@ -109,6 +111,8 @@ def apply_run_to_config(config):
             pers.initializer_words = [run.init_word]
         if run.get("placeholder_string"):
             pers.placeholder_strings = [run.placeholder_string]
+        if run.get("allow_existing_token"):
+            pers.allow_existing_token = True
 
 
 def choose_devices(opt, trainer_cfg):

@@ -14,13 +14,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a fresh clone
 
-from ldm.modules.embedding_manager import EmbeddingManager, read_embedding_file  # noqa: E402
+from ldm.modules.embedding_formats import read_embeddings  # noqa: E402
+from ldm.modules.embedding_manager import EmbeddingManager  # noqa: E402
 from ldm.modules.encoders.modules import BERTEmbedder  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("embedding", help="learned embedding file (.pt or .safetensors)")
+    parser.add_argument("embedding", help="learned embedding file (any supported format)")
     parser.add_argument("--prompt", default="a photo of *", help="prompt that uses the placeholder")
     parser.add_argument("--config", help="model config YAML (with --ckpt)")
     parser.add_argument("--ckpt", help="model checkpoint; without it a seeded random encoder of the file's width is used")
@@ -33,7 +34,7 @@ def parse_args(argv=None):
 
 def load_embedder_and_manager(args):
     """(BERTEmbedder, EmbeddingManager holding the file's vectors), both in eval mode."""
-    tokens, params = read_embedding_file(args.embedding)
+    width = next(iter(read_embeddings(args.embedding).vectors.values())).shape[-1]
     if args.ckpt:
         from omegaconf import OmegaConf
         from load import load_model_from_config
@@ -42,10 +43,9 @@ def load_embedder_and_manager(args):
         embedder, manager = model.cond_stage_model, model.embedding_manager
     else:
         torch.manual_seed(0)
-        width = next(iter(params.values())).shape[-1]
         embedder, manager = BERTEmbedder(n_embed=width, n_layer=args.n_layer), None
     if manager is None:
-        manager = EmbeddingManager(embedder, placeholder_strings=list(tokens))
+        manager = EmbeddingManager(embedder, placeholder_strings=["*"])
     manager.load(args.embedding)
     return embedder.eval(), manager.eval()
 
@@ -55,17 +55,22 @@ def main(argv=None):
     args = parse_args(argv)
     embedder, manager = load_embedder_and_manager(args)
     tokens = embedder.tokenize([args.prompt])
-    plain = embedder.transformer(tokens.clone())
     edited_tokens = tokens.clone()  # the manager rewrites ids in place when a placeholder has several vectors
-    swapped = manager(edited_tokens, embedder.token_embedding(edited_tokens))
+    swapped = manager.input_seam(edited_tokens, embedder.token_embedding)
+    context = manager.context_tokens(edited_tokens)  # the prompt as the encoder sees it without learned vectors
+    plain = embedder.transformer(context)
     learned = embedder.transformer(tokens.clone(), embedding_manager=manager)
 
-    placeholder_ids = {int(t) for t in manager.string_to_token_dict.values()}
-    changed = (swapped != embedder.token_embedding(edited_tokens)).any(-1)[0].nonzero().flatten().tolist()
+    placeholder_ids = {i for ids in manager.placeholder_ids.values() for i in ids}
+    if manager.injection == "input":
+        changed = (swapped != embedder.token_embedding(context)).any(-1)[0].nonzero().flatten().tolist()
+    else:  # output injection edits only the final states
+        changed = (learned != plain).any(-1)[0].nonzero().flatten().tolist()
     expected = [i for i, t in enumerate(edited_tokens[0].tolist()) if t in placeholder_ids]
     pieces = embedder.tokenizer.pieces(edited_tokens[0].tolist())
     print(f"tokens: {' '.join(p for p in pieces if p != '[PAD]')}")
-    print(f"token embeddings changed at {changed} ({[pieces[i] for i in changed]})")
+    seam = "token embeddings" if manager.injection == "input" else "final states"
+    print(f"{seam} changed at {changed} ({[pieces[i] for i in changed]})")
     print(f"encoder output: max |diff| {(learned - plain).abs().max():.4g} (attention spreads the change everywhere)")
     if not expected:
         print(f"the prompt has none of the file's placeholders {sorted(manager.string_to_token_dict)}")

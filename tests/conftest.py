@@ -17,3 +17,36 @@ def fixture_dir():
 @pytest.fixture(scope="session")
 def manifest_dir():
     return ROOT / "tests" / "fixtures" / "manifests"
+
+
+@pytest.fixture(scope="session")
+def encoder_dirs(tmp_path_factory):
+    """Local folders of a tiny CLIPTextModel, a tiny T5 encoder with its tokenizer, and SD v1's CLIP tokenizer."""
+    from tiny_text_encoders import clip_tokenizer_folder, tiny_clip_folder, tiny_t5_folder
+
+    root = tmp_path_factory.mktemp("encoders")
+    return {"clip": tiny_clip_folder(root / "clip"), "t5": tiny_t5_folder(root / "t5"),
+            "clip_tokenizer": clip_tokenizer_folder(root / "clip_tokenizer")}
+
+
+@pytest.fixture(scope="session")
+def make_encoder(encoder_dirs, fixture_dir):
+    """make_encoder('bert' | 'clip' | 't5') -> a fresh frozen tiny text encoder of width 32 (own tokenizer copy)."""
+    from safetensors.torch import load_file
+
+    from ldm.modules.encoders.modules import BERTEmbedder, FrozenCLIPEmbedder, FrozenT5Embedder
+
+    prefix = "cond_stage_model."
+    bert_state = {k[len(prefix):]: v for k, v in load_file(str(fixture_dir / "state_dict.safetensors")).items()
+                  if k.startswith(prefix)}
+
+    def make(kind):
+        if kind == "bert":
+            bert = BERTEmbedder(n_embed=32, n_layer=2)
+            bert.load_state_dict(bert_state, strict=True)
+            return bert.freeze()
+        if kind == "clip":
+            return FrozenCLIPEmbedder(version=str(encoder_dirs["clip"]))
+        return FrozenT5Embedder(version=str(encoder_dirs["t5"]))
+
+    return make

@@ -103,24 +103,23 @@ def test_width_mismatch_is_one_clear_line(bert, tmp_path):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("word, message", [
-    ("teddybear", r"initializer word 'teddybear' is 3 tokens .*check/init_word.py teddybear"),
-    ("\U0001F642", r"not in the text encoder's vocabulary.*check/init_word.py"),
+@pytest.mark.parametrize("word, options, message", [
+    ("teddybear", dict(init_mode="pieces", num_vectors_per_token=2),
+     r"init_mode 'pieces' .* has 3 pieces .* num_vectors_per_token is 2"),
+    ("\U0001F642", {}, r"not in the text encoder's vocabulary.*check/init_word.py"),
 ])
-def test_bad_initializer_word(bert, word, message):
+def test_bad_initializer_word(bert, word, options, message):
     with pytest.raises(ValueError, match=message) as info:
-        EmbeddingManager(bert, ["*"], [word])
+        EmbeddingManager(bert, ["*"], [word], **options)
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("placeholder, message", [
-    ("sks", r"placeholder 'sks' is 2 tokens .*not one"),
-    ("\U0001F642", r"not in the text encoder's vocabulary"),
-])
-def test_bad_placeholder(bert, placeholder, message):
-    with pytest.raises(ValueError, match=message) as info:
-        EmbeddingManager(bert, [placeholder], ["dog"])
+def test_placeholder_that_is_a_vocabulary_word(bert):
+    with pytest.raises(ValueError, match=r"placeholder 'dog' is already the vocabulary token 3899 .*"
+                                         r"allow_existing_token") as info:
+        EmbeddingManager(bert, ["dog"], ["cat"])
     assert "\n" not in str(info.value)
+    assert int(EmbeddingManager(bert, ["dog"], ["cat"], allow_existing_token=True).string_to_token_dict["dog"]) == 3899
 
 
 def test_gradients_reach_only_the_manager(bert, cases):

@@ -1,18 +1,24 @@
 """Textual inversion: learned vectors that stand in for placeholder tokens in a text encoder.
 
-The manager sits at one seam of the text encoder, `manager(tokens, embeds) -> embeds`, between the
-token-embedding lookup and the position embedding. It needs only `embedder.word_token_ids(word)`
-and `embedder.token_embedding` (an nn.Embedding), and knows nothing of the diffusion model.
+The manager meets a text encoder at one seam (ldm.modules.encoders.base.encode_tokens) and knows
+nothing of the diffusion model. Two injection points, chosen in the config:
+- `input` (the paper): the vectors replace the placeholder's token embeddings; gradients flow
+  through the frozen encoder;
+- `output` (seeds/000's design): the vectors replace the encoder's final states at the placeholder's
+  positions; the encoder runs without autograd, and a vector starts from the encoder's states of its
+  initializer word in "A photo of a {word}".
+Placeholder positions are found by token id. Ids past the encoder's embedding table (placeholders
+registered as new tokens) never reach it: the manager looks up an in-table id there first.
 """
 import logging
-import os
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ldm.data.personalized import PER_IMAGE_TOKENS
-from ldm.util import atomic_path
+from ldm.modules.embedding_formats import Embeddings, read_embeddings, write_embeddings
+from ldm.modules.placeholder_positions import expand_occurrences, write_vectors
+from ldm.modules.placeholders import INIT_MODES, INJECTIONS, PlaceholderVocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -26,16 +32,23 @@ def _as_list(strings):
     return [strings] if isinstance(strings, str) else list(strings)
 
 
-class EmbeddingManager(nn.Module):
-    """Owns `string_to_param_dict[placeholder]: (n, D)` and writes it over the placeholder's embeddings.
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} is '{value}': use one of {', '.join(allowed)}")
+    return value
 
-    One vector: every placeholder position gets it. n vectors: occurrences are expanded right to
-    left into n positions, later tokens shift right and the row is cut back to T; the token ids are
-    edited in place the same way. Names of attributes and files follow the reference implementation.
+
+class EmbeddingManager(nn.Module):
+    """Owns `string_to_param_dict[placeholder]: (n, D)` and writes it over the placeholder's positions.
+
+    One vector: every placeholder position gets it. n vectors: each occurrence expands into n
+    positions, later tokens shift right and the row is cut back to T; the token ids are edited in
+    place the same way. Names of attributes and files follow the reference implementation.
     """
 
     def __init__(self, embedder, placeholder_strings=("*",), initializer_words=None, per_image_tokens=False,
-                 num_vectors_per_token=1, progressive_words=False, **kwargs):
+                 num_vectors_per_token=1, progressive_words=False, injection="input", init_mode="mean",
+                 allow_existing_token=False, **kwargs):
         super().__init__()
         if kwargs:
             logger.warning("EmbeddingManager ignores the unsupported options %s", ", ".join(sorted(kwargs)))
@@ -44,101 +57,111 @@ class EmbeddingManager(nn.Module):
         placeholders = _as_list(placeholder_strings) + (list(PER_IMAGE_TOKENS) if per_image_tokens else [])
         if not placeholders:
             raise ValueError("no placeholder strings given: set placeholder_strings, e.g. ['*']")
-        self._word_token_ids = embedder.word_token_ids  # a bound method: the embedder is not registered as a child
-        self._unk_token_id = getattr(embedder, "unk_token_id", None)
-        self.token_dim = embedder.token_embedding.embedding_dim
+        self.vocab = PlaceholderVocabulary(embedder)
+        self.token_dim = self.vocab.token_dim
+        self.injection = _choice("injection", injection, INJECTIONS)
+        self.init_mode = _choice("init_mode", init_mode, INIT_MODES)
+        self.allow_existing_token = bool(allow_existing_token)
         self.progressive_words = progressive_words
         self.progressive_counter = 0
-        self.string_to_token_dict = {}
+        self.string_to_token_dict = {}  # placeholder -> () int64, its (first) token id
+        self.placeholder_ids = {}  # placeholder -> one token id per vector
+        self.context_ids = {}  # placeholder -> the in-table id the encoder looks up at its positions
         self.string_to_param_dict = nn.ParameterDict()
         self.initial_embeddings = nn.ParameterDict()  # not optimised; the target of embedding_to_coarse_loss
         initializers = _as_list(initializer_words)
         for i, placeholder in enumerate(placeholders):
             init_word = initializers[i] if i < len(initializers) else None
-            self._add_placeholder(placeholder, init_word, int(num_vectors_per_token), embedder.token_embedding)
+            self._add_placeholder(placeholder, init_word, int(num_vectors_per_token))
 
-    def _add_placeholder(self, placeholder, init_word, num_vectors, token_embedding):
-        token = self._placeholder_token(placeholder)
-        weight = token_embedding.weight
-        if init_word is None:
-            vectors = torch.rand(num_vectors, self.token_dim, device=weight.device, dtype=weight.dtype)
-        else:
-            row = weight[self._initializer_token(init_word)].detach()
-            vectors = row.expand(num_vectors, -1).clone()
+    @property
+    def backprop_through_encoder(self):
+        """Whether the encoder's forward must be recorded for autograd (input injection only)."""
+        return self.injection == "input"
+
+    def _token_ids(self, placeholder, num_vectors):
+        allow = self.allow_existing_token or placeholder in PER_IMAGE_TOKENS  # the reference's per-image letters
+        return self.vocab.token_ids(placeholder, num_vectors, allow)
+
+    def _add_placeholder(self, placeholder, init_word, num_vectors):
+        if init_word is not None and self.init_mode in ("random", "zero"):
+            raise ValueError(f"init_mode '{self.init_mode}' starts '{placeholder}' without an initializer word, but "
+                             f"'{init_word}' is given: drop initializer_words (--init_word) or use init_mode mean")
+        ids = self._token_ids(placeholder, num_vectors)
+        pieces = None if init_word is None else self.vocab.init_pieces(init_word)
+        vectors = self.vocab.initial_vectors(init_word, pieces, num_vectors, self.init_mode, self.injection)
+        if init_word is not None:
             self.initial_embeddings[placeholder] = nn.Parameter(vectors.clone(), requires_grad=False)
-        self.string_to_token_dict[placeholder] = torch.tensor(token, device="cpu")  # cpu even under a meta device
-        self.string_to_param_dict[placeholder] = nn.Parameter(vectors)
+        self._register(placeholder, ids, vectors, self.vocab.context_id(placeholder, ids, pieces))
 
-    def _placeholder_token(self, placeholder):
-        ids = self._word_token_ids(placeholder)
-        fix = "use a string that is one token of the text encoder's vocabulary, such as '*'"
-        if len(ids) != 1:
-            raise ValueError(f"placeholder '{placeholder}' is {len(ids)} tokens {ids} for this text encoder, not one: "
-                             f"{fix} (multi-token placeholders are not supported yet)")
-        if ids[0] == self._unk_token_id:
-            raise ValueError(f"placeholder '{placeholder}' is not in the text encoder's vocabulary (it maps to the "
-                             f"unknown token shared by every unknown word): {fix}")
-        taken = [s for s, t in self.string_to_token_dict.items() if int(t) == ids[0]]
+    def _register(self, placeholder, ids, vectors, context_id):
+        taken = [s for s, other in self.placeholder_ids.items() if set(other) & set(ids)]
         if taken:
             raise ValueError(f"placeholders '{taken[0]}' and '{placeholder}' are the same token {ids[0]}: "
                              "give each placeholder its own token")
-        return ids[0]
+        self.placeholder_ids[placeholder] = ids
+        self.context_ids[placeholder] = context_id
+        self.string_to_token_dict[placeholder] = torch.tensor(ids[0], device="cpu")  # cpu even under a meta device
+        self.string_to_param_dict[placeholder] = nn.Parameter(vectors)
 
-    def _initializer_token(self, word):
-        ids = self._word_token_ids(word)
-        inspect = f"inspect it with `python check/init_word.py {word}`"
-        if len(ids) != 1:
-            raise ValueError(f"initializer word '{word}' is {len(ids)} tokens {ids} for this text encoder, not one: "
-                             f"pick a single-token word ({inspect})")
-        if ids[0] == self._unk_token_id:
-            raise ValueError(f"initializer word '{word}' is not in the text encoder's vocabulary: pick another word "
-                             f"({inspect})")
-        return ids[0]
-
+    # ---- the seams ------------------------------------------------------------------------------
     def forward(self, tokenized_text, embedded_text):
-        """tokenized_text: (B, T) int64, embedded_text: (B, T, D) -> (B, T, D).
+        """The input seam on precomputed token embeddings (the reference's signature).
 
-        With several vectors per placeholder, tokenized_text is rewritten in place to match.
+        tokenized_text: (B, T) int64, rewritten in place when a placeholder has several vectors;
+        embedded_text: (B, T, D) -> (B, T, D).
         """
-        for placeholder, token in self.string_to_token_dict.items():
-            vectors = self.string_to_param_dict[placeholder].to(embedded_text)
-            token = int(token)
-            if vectors.shape[0] == 1:
-                embedded_text = self._replace(tokenized_text, embedded_text, token, vectors[0])
-            else:
-                vectors = vectors[:self._active_vectors(vectors.shape[0])]
-                embedded_text = self._insert(tokenized_text, embedded_text, token, vectors)
-        return embedded_text
+        for src in self._expand(tokenized_text):
+            embedded_text = embedded_text.gather(1, src[..., None].expand(-1, -1, embedded_text.shape[-1]))
+        return self._write(tokenized_text, embedded_text) if self.injection == "input" else embedded_text
 
-    @staticmethod
-    def _replace(tokens, embeds, token, vector):
-        """tokens: (B, T), embeds: (B, T, D), vector: (D,) -> (B, T, D) with vector at every `token` position"""
-        return torch.where((tokens == token)[..., None], vector, embeds)
+    def input_seam(self, tokens, token_embedding):
+        """tokens: (B, T) int64 (edited in place), token_embedding: the encoder's nn.Embedding -> (B, T, D).
 
-    @staticmethod
-    def _insert(tokens, embeds, token, vectors):
-        """tokens: (B, T) edited in place, embeds: (B, T, D), vectors: (k, D) -> (B, T, D).
-
-        Each occurrence, right to left, becomes k positions; the row is truncated back to T.
+        Placeholder ids are looked up as their context id (so that no id past the table reaches it),
+        then, for input injection, overwritten with the vectors.
         """
-        T, k = tokens.shape[1], vectors.shape[0]
-        rows = []
-        for b in range(tokens.shape[0]):
-            row_tokens, row_embeds = tokens[b], embeds[b]
-            for col in reversed((row_tokens == token).nonzero().flatten().tolist()):
-                row_tokens = torch.cat([row_tokens[:col], row_tokens.new_full((k,), token), row_tokens[col + 1:]])[:T]
-                row_embeds = torch.cat([row_embeds[:col], vectors, row_embeds[col + 1:]])[:T]
-            tokens[b] = row_tokens
-            rows.append(row_embeds)
-        return torch.stack(rows)
+        self._expand(tokens)
+        embeds = token_embedding(self.context_tokens(tokens))
+        return self._write(tokens, embeds) if self.injection == "input" else embeds
+
+    def output_seam(self, tokens, states):
+        """tokens: (B, T) as left by input_seam, states: (B, T, D) final encoder states -> (B, T, D)."""
+        return self._write(tokens, states) if self.injection == "output" else states
+
+    def _expand(self, tokens):
+        """Expand multi-vector placeholders in `tokens` (in place) -> one (B, T) gather index per expansion."""
+        multi = [ids for ids in self.placeholder_ids.values() if len(ids) > 1]
+        if multi and self.progressive_words:
+            self.progressive_counter += 1
+        active = [(ids, self._active_vectors(len(ids))) for ids in multi]
+        return [expand_occurrences(tokens, ids, k) for ids, k in active if k > 1]
+
+    def context_tokens(self, tokens):
+        """(B, T) ids with each placeholder id replaced by its context id; ids left past the table are an error."""
+        for placeholder, ids in self.placeholder_ids.items():
+            tokens = torch.where(torch.isin(tokens, torch.tensor(ids, device=tokens.device)),
+                                 self.context_ids[placeholder], tokens)
+        if tokens.numel() and int(tokens.max()) >= self.vocab.num_rows:
+            raise ValueError(f"the prompt holds token id {int(tokens.max())}, past the text encoder's "
+                             f"{self.vocab.num_rows} rows: a placeholder this manager no longer holds (its embedding "
+                             f"was replaced by load): load that embedding or drop the word from the prompt")
+        return tokens
+
+    def _write(self, tokens, x):
+        """x: (B, T, D) -> (B, T, D) with each placeholder's active vectors at its positions."""
+        for placeholder, ids in self.placeholder_ids.items():
+            vectors = self.string_to_param_dict[placeholder].to(x)
+            x = write_vectors(tokens, x, ids, vectors[:self._active_vectors(len(ids))])
+        return x
 
     def _active_vectors(self, num_vectors):
-        """All vectors, or with progressive_words 1 + calls // PROGRESSIVE_SCALE of them (counted per call)."""
+        """All vectors, or with progressive_words 1 + calls // PROGRESSIVE_SCALE of them."""
         if not self.progressive_words:
             return num_vectors
-        self.progressive_counter += 1
         return min(num_vectors, 1 + self.progressive_counter // PROGRESSIVE_SCALE)
 
+    # ---- training -------------------------------------------------------------------------------
     def embedding_parameters(self):
         """The vectors to optimise: one (n, D) nn.Parameter per placeholder."""
         return list(self.string_to_param_dict.values())
@@ -156,68 +179,58 @@ class EmbeddingManager(nn.Module):
             loss = loss + (diff * diff).sum() / len(self.initial_embeddings)
         return loss
 
+    # ---- files ----------------------------------------------------------------------------------
+    def to_embeddings(self):
+        """The manager's state as an Embeddings record (original format fields)."""
+        fields = {} if self.injection == "input" else {"injection": self.injection,
+                                                       "context_token": dict(self.context_ids)}
+        return Embeddings({s: p.detach().cpu().clone() for s, p in self.string_to_param_dict.items()},
+                          {s: ids[0] for s, ids in self.placeholder_ids.items()}, fields)
+
     def save(self, path):
-        """Write `{"string_to_token": {str: LongTensor}, "string_to_param": {str: (n, D)}}` atomically (.pt or .safetensors)."""
-        tokens = {s: t.clone() for s, t in self.string_to_token_dict.items()}
-        params = {s: p.detach().cpu().clone() for s, p in self.string_to_param_dict.items()}
-        with atomic_path(path) as tmp:
-            write_embedding_file(tmp, tokens, params, safetensors=os.fspath(path).endswith(".safetensors"))
+        """Write the original format atomically: .pt, or .safetensors by suffix."""
+        write_embeddings(self.to_embeddings(), path, "original")
 
-    def load(self, path):
-        """Replace the placeholders and vectors with those of an embedding file; the vector count comes from the file.
+    def load(self, path, name=None):
+        """Replace the placeholders and vectors with those of an embedding file in any supported format.
 
+        The vector count comes from the file; `name` names the placeholder of files without one (kohya).
         Build the optimizer after loading: the parameters are new objects.
         """
-        tokens, params = read_embedding_file(path)
-        for placeholder, vectors in params.items():
-            self._check_loaded(path, placeholder, tokens[placeholder], vectors)
-        reference = self.embedding_parameters()[0]
+        emb = read_embeddings(path, name)
+        self._check_compatible(path, emb)
+        vectors = emb.matrices()
+        ids = {s: self._token_ids(s, v.shape[0]) for s, v in vectors.items()}
+        for placeholder, recorded in emb.tokens.items():
+            self._check_recorded_token(path, placeholder, recorded, ids[placeholder])
+        contexts = emb.fields.get("context_token", {})
+        previous = {s: self.context_ids.get(s) for s in vectors}
         initial_rows = {s: p[0] for s, p in self.initial_embeddings.items()}
-        self.string_to_token_dict = {s: torch.tensor(t, device="cpu") for s, t in tokens.items()}
-        self.string_to_param_dict = nn.ParameterDict(
-            {s: nn.Parameter(v.to(reference)) for s, v in params.items()})
+        reference = self.embedding_parameters()[0]
+        self.placeholder_ids, self.context_ids, self.string_to_token_dict = {}, {}, {}
+        self.string_to_param_dict = nn.ParameterDict()
+        for placeholder, v in vectors.items():
+            context = contexts.get(placeholder, previous[placeholder])
+            if context is None:
+                context = self.vocab.context_id(placeholder, ids[placeholder], None)
+            self._register(placeholder, ids[placeholder], v.to(reference), context)
         self.initial_embeddings = nn.ParameterDict(
             {s: nn.Parameter(initial_rows[s].expand_as(v).clone(), requires_grad=False)
              for s, v in self.string_to_param_dict.items() if s in initial_rows})
 
-    def _check_loaded(self, path, placeholder, token, vectors):
-        if vectors.shape[-1] != self.token_dim:
-            raise ValueError(f"embedding file {path} has vectors of width {vectors.shape[-1]} but this model's text "
-                             f"encoder uses {self.token_dim}: it was trained for another model")
-        ids = self._word_token_ids(placeholder)
-        if ids != [int(token)]:
-            raise ValueError(f"embedding file {path} maps placeholder '{placeholder}' to token {int(token)} but this "
-                             f"text encoder's tokenizer gives {ids}: it was trained with another tokenizer")
+    def _check_compatible(self, path, emb):
+        width = next(iter(emb.vectors.values())).shape[-1]
+        if width != self.token_dim:
+            raise ValueError(f"embedding file {path} has vectors of width {width} but this model's text encoder uses "
+                             f"{self.token_dim} ({self.vocab.encoder_name}): it was trained for another model")
+        if emb.injection != self.injection:
+            raise ValueError(f"embedding file {path} holds vectors for injection '{emb.injection}' but this manager "
+                             f"injects at the '{self.injection}': set injection: {emb.injection} in the "
+                             "personalization config")
 
-
-def write_embedding_file(path, tokens, params, safetensors=False):
-    """tokens: {str: () int64}, params: {str: (n, D)}; .safetensors keys are 'string_to_token.<s>' / 'string_to_param.<s>'."""
-    if not safetensors:
-        torch.save({"string_to_token": tokens, "string_to_param": params}, path)
-        return
-    flat = {f"string_to_token.{s}": t.reshape(()) for s, t in tokens.items()}
-    flat.update({f"string_to_param.{s}": p.contiguous() for s, p in params.items()})
-    save_file(flat, path)
-
-
-def read_embedding_file(path):
-    """path (.pt/.bin/.safetensors) -> ({placeholder: int token}, {placeholder: (n, D) float tensor})."""
-    if os.fspath(path).endswith(".safetensors"):
-        data = {}
-        for key, value in load_file(path).items():
-            group, _, placeholder = key.partition(".")
-            data.setdefault(group, {})[placeholder] = value
-    else:
-        # files from the reference pickle an nn.ParameterDict; allowing that one class keeps weights_only loading
-        with torch.serialization.safe_globals([nn.ParameterDict]):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or not {"string_to_token", "string_to_param"} <= data.keys() \
-            or not data["string_to_param"]:
-        raise ValueError(f"{path} is not a textual-inversion embedding file: expected placeholders under the keys "
-                         "'string_to_token' and 'string_to_param'")
-    tokens = {s: int(t) for s, t in data["string_to_token"].items()}
-    params = {s: p.detach().reshape(-1, p.shape[-1]).float() for s, p in data["string_to_param"].items()}
-    if tokens.keys() != params.keys():
-        raise ValueError(f"embedding file {path} lists placeholders {sorted(tokens)} with vectors for {sorted(params)}: "
-                         "the file is damaged; save it again")
-    return tokens, params
+    def _check_recorded_token(self, path, placeholder, recorded, ids):
+        """A vocabulary-token placeholder must have the id the file's tokenizer gave it (-1: not recorded)."""
+        if recorded >= 0 and self.vocab.vocabulary_token(placeholder) is not None and recorded != ids[0]:
+            raise ValueError(f"embedding file {path} maps placeholder '{placeholder}' to token {recorded} but this "
+                             f"text encoder's tokenizer ({self.vocab.encoder_name}) gives {ids[0]}: it was trained "
+                             "with another tokenizer")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldm.util import exists
+from ldm.modules.encoders.base import encode_tokens
 
 
 class AbsolutePositionalEmbedding(nn.Module):
@@ -106,15 +106,16 @@ class TransformerWrapper(nn.Module):
     def forward(self, tokens, return_embeddings=True, embedding_manager=None):
         """tokens: (B, T) int64 -> (B, T, D) embeddings, or (B, T, num_tokens) logits.
 
-        `embedding_manager(tokens, x)` is the one seam where textual inversion swaps token
-        embeddings: after the token lookup, before the position embedding.
+        An `embedding_manager` meets the encoder at its seam (`encode_tokens`): it makes the token
+        embeddings (before the position embedding) and may edit the final states.
         """
         if tokens.shape[1] > self.max_seq_len:
             raise ValueError(f"got {tokens.shape[1]} tokens but the text encoder holds at most {self.max_seq_len}: "
                              "truncate the token ids to max_seq_len")
-        x = self.token_emb(tokens)
-        if exists(embedding_manager):
-            x = embedding_manager(tokens, x)
-        x = self.emb_dropout(x + self.pos_emb(x))
-        x = self.norm(self.attn_layers(x))
+        x = encode_tokens(tokens, self.token_emb, self._encode_embeddings, embedding_manager)
         return x if return_embeddings else self.to_logits(x)
+
+    def _encode_embeddings(self, x):
+        """x: (B, T, D) token embeddings -> (B, T, D) final states"""
+        x = self.emb_dropout(x + self.pos_emb(x))
+        return self.norm(self.attn_layers(x))

@@ -1,0 +1,94 @@
+"""Merge several textual-inversion embedding files into one (original format), as in the reference repo.
+
+    python merge_embeddings.py --manager_ckpts cat.pt toy.safetensors concept_dir/ --output_path both.pt
+    python merge_embeddings.py --manager_ckpts a.pt b.pt --output_path ab.pt --rename '*=<b-toy>'
+
+Inputs may be in any supported format. Two files with the same placeholder clash: `--rename OLD=NEW`
+renames OLD in the next file that clashes (give it once per clash, in file order); without it the
+merge stops with one line naming both files. Nothing is written unless the whole merge succeeds.
+"""
+import argparse
+import sys
+
+from ldm.modules.embedding_formats import Embeddings, read_embeddings, write_embeddings
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manager_ckpts", nargs="+", required=True, help="embedding files to merge, in order")
+    parser.add_argument("--output_path", required=True, help="merged file (.pt or .safetensors)")
+    parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                        help="rename a clashing placeholder of a later file (repeatable)")
+    return parser.parse_args(argv)
+
+
+def parse_renames(items):
+    """['*=<b>'] -> [('*', '<b>')]"""
+    pairs = []
+    for item in items:
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            raise ValueError(f"--rename {item!r} is not OLD=NEW (e.g. --rename '*=<my-toy>')")
+        pairs.append((old, new))
+    return pairs
+
+
+def merge(paths, renames=()):
+    """Embedding files -> one Embeddings; clashing placeholders of later files take the renames in order."""
+    merged, owner, pending = Embeddings({}), {}, list(renames)
+    for path in paths:
+        emb = read_embeddings(path)
+        _check_joinable(merged, owner, path, emb)
+        for placeholder in list(emb.vectors):
+            if placeholder in owner:
+                new = _take_rename(pending, placeholder, owner[placeholder], path)
+                if new in owner or new in emb.vectors:
+                    raise ValueError(f"--rename gives '{new}' to a placeholder of {path}, but '{new}' is already used "
+                                     "there or in an earlier file: pick another new name")
+                emb = emb.renamed(placeholder, new)
+        owner.update({placeholder: path for placeholder in emb.vectors})
+        merged.vectors.update(emb.matrices())
+        merged.tokens.update(emb.tokens)
+        if emb.injection != "input":
+            merged.fields = {"injection": emb.injection,
+                             "context_token": {**merged.fields.get("context_token", {}), **emb.fields["context_token"]}}
+    if pending:
+        raise ValueError(f"--rename {pending[0][0]}={pending[0][1]} matched no clashing placeholder: drop it")
+    return merged
+
+
+def _check_joinable(merged, owner, path, emb):
+    if not merged.vectors:
+        return
+    first = next(iter(owner.values()))
+    width, other = next(iter(merged.vectors.values())).shape[-1], next(iter(emb.vectors.values())).shape[-1]
+    if width != other:
+        raise ValueError(f"{first} has vectors of width {width} but {path} has width {other}: they belong to "
+                         "different text encoders and cannot be merged")
+    if merged.injection != emb.injection:
+        raise ValueError(f"{first} holds injection '{merged.injection}' vectors but {path} holds '{emb.injection}' "
+                         "ones: merge files of one injection point")
+
+
+def _take_rename(pending, placeholder, first, path):
+    for i, (old, new) in enumerate(pending):
+        if old == placeholder:
+            return pending.pop(i)[1]
+    raise ValueError(f"placeholder '{placeholder}' is in both {first} and {path}: rename one with "
+                     f"--rename '{placeholder}=NEW'")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        merged = merge(args.manager_ckpts, parse_renames(args.rename))
+        write_embeddings(merged, args.output_path, "original")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.output_path}: {', '.join(f'{s!r} {tuple(v.shape)}' for s, v in merged.vectors.items())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
