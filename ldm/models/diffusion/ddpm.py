@@ -47,8 +47,8 @@ class LatentDiffusion(NoiseSchedule, pl.LightningModule):
                  timesteps=1000, beta_schedule="linear", linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3,
                  given_betas=None, scale_factor=1.0, image_size=32, channels=4, first_stage_key="image",
                  cond_stage_key="caption", conditioning_key="crossattn", cond_stage_trainable=False,
-                 embedding_reg_weight=0.0, cond_drop_prob=0.0, latent_cache=False, ckpt_path=None, ignore_keys=(),
-                 **reference_options):
+                 embedding_reg_weight=0.0, cond_drop_prob=0.0, latent_cache=False, channels_last=False,
+                 compile=False, ckpt_path=None, ignore_keys=(), **reference_options):
         super().__init__()
         self.reference = _ReferenceOptions(**reference_options)
         self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas,
@@ -71,6 +71,11 @@ class LatentDiffusion(NoiseSchedule, pl.LightningModule):
         if ckpt_path is not None:
             from load import load_state_dict_into
             load_state_dict_into(self, ckpt_path, ignore_prefixes=ignore_keys)
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model.diffusion_model.compile()  # in place: state-dict keys stay the same
 
     # ---- freezing ---------------------------------------------------------------------------
     def frozen_modules(self):
@@ -113,6 +118,8 @@ class LatentDiffusion(NoiseSchedule, pl.LightningModule):
 
     def apply_model(self, x_t, t, c):
         """x_t: (B, C, h, w), t: (B,) int64, c: (B, T, D) -> eps: (B, C, h, w)."""
+        if self.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
         return self.model(x_t, t, c_crossattn=[c])
 
     # ---- training ---------------------------------------------------------------------------------

@@ -1,0 +1,88 @@
+"""Shared pieces of the benchmarks: building the model both ways, timing, peak memory."""
+import contextlib
+import os
+import resource
+import statistics
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from ldm.modules.attention import CrossAttention
+from ldm.util import instantiate_from_config
+from load import load_state_dict_into
+
+PERSONALIZATION = {"target": "ldm.modules.embedding_manager.EmbeddingManager",
+                   "params": {"placeholder_strings": ["*"], "initializer_words": ["dog"]}}
+
+
+def load_config(paths, overrides=()):
+    config = OmegaConf.merge(*[OmegaConf.load(p) for p in paths], OmegaConf.from_dotlist(list(overrides)))
+    if config.model.params.get("personalization_config") is None:
+        config.model.params.personalization_config = PERSONALIZATION
+    return config
+
+
+def build(config, ckpt, ours, device):
+    """The TI model as we run it (`ours`) or as the original code runs it; same weights either way.
+
+    Original: no latent cache (first stage re-encodes every step), no gradient checkpointing.
+    Frozen weights have requires_grad=False in both, as the original freezes them.
+    """
+    params = config.model.params
+    params.latent_cache = bool(ours)
+    params.unet_config.params.use_checkpoint = bool(ours) and bool(params.unet_config.params.get("use_checkpoint"))
+    torch.manual_seed(0)
+    model = instantiate_from_config(config.model)
+    if ckpt:
+        load_state_dict_into(model, ckpt)
+    return model.to(device).train()
+
+
+@contextlib.contextmanager
+def attention_impl(ours):
+    """Ours: scaled_dot_product_attention. Original: explicit einsum + softmax in fp32."""
+    previous = CrossAttention.use_sdpa
+    CrossAttention.use_sdpa = bool(ours)
+    try:
+        yield
+    finally:
+        CrossAttention.use_sdpa = previous
+
+
+def synchronize(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1000
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory(device, run):
+    """Peak memory above the level before `run()`: CUDA allocator peak, or the process's RSS high-water mark."""
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    base = rss_mib()
+    run()
+    return max(0.0, peak_rss_mib() - base)
