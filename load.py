@@ -80,6 +80,8 @@ def load_state_dict_into(model, path, strict=True, ignore_prefixes=(), allow_mis
         raise RuntimeError(f"{summary} - checkpoint does not fit this config (another architecture?); "
                            f"missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]}")
     log.info(summary)
+    if hasattr(model, "on_weights_loaded"):
+        model.on_weights_loaded(list(sd))
     return {"missing": missing, "unexpected": unexpected, "dropped": dropped, "summary": summary, **info}
 
 

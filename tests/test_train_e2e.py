@@ -104,3 +104,21 @@ def test_embedding_changes_the_conditioning_only_through_the_placeholder(trained
         without = model.get_learned_conditioning(["a photo of *"])
         model.embedding_manager = manager
     assert not torch.allclose(with_emb, without)
+
+
+@pytest.mark.parametrize("placeholder", ["*", "<my-thing>"])
+def test_the_vector_starts_from_the_loaded_checkpoint(ckpt, placeholder):
+    """The init word's row of the *pretrained* text encoder, not of the randomly initialised one."""
+    from omegaconf import OmegaConf
+
+    from load import load_model_from_config
+
+    config = OmegaConf.load(CONFIG)
+    config.model.params.personalization_config.params.placeholder_strings = [placeholder]
+    model = load_model_from_config(config, ckpt)
+    vector = model.embedding_manager.string_to_param_dict[placeholder].detach()[0]
+    dog = load_file(ckpt)["cond_stage_model.transformer.token_emb.weight"][3899]
+    assert torch.equal(vector, dog)
+    if placeholder != "*":
+        assert model.embedding_manager(torch.tensor(model.cond_stage_model.tokenize([f"a {placeholder}"])),
+                                       torch.zeros(1, 77, 32)).abs().sum() > 0

@@ -61,9 +61,9 @@ class LatentDiffusion(NoiseSchedule, pl.LightningModule):
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.first_stage_model = freeze(instantiate_from_config(first_stage_config))
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
-        self.embedding_manager = None
+        self.personalization_config = personalization_config
+        self.embedding_manager = self.build_embedding_manager()
         if personalization_config is not None:
-            self.embedding_manager = instantiate_from_config(personalization_config, embedder=self.cond_stage_model)
             freeze(self.model), freeze(self.cond_stage_model)
         elif not cond_stage_trainable:
             freeze(self.cond_stage_model)
@@ -76,6 +76,19 @@ class LatentDiffusion(NoiseSchedule, pl.LightningModule):
             self.model.to(memory_format=torch.channels_last)
         if compile:
             self.model.diffusion_model.compile()  # in place: state-dict keys stay the same
+
+    def build_embedding_manager(self):
+        """The EmbeddingManager of the config, its vectors initialised from the current text encoder."""
+        if self.personalization_config is None:
+            return None
+        return instantiate_from_config(self.personalization_config, embedder=self.cond_stage_model)
+
+    def on_weights_loaded(self, loaded_keys):
+        """Called by `load.load_state_dict_into`. Initial vectors come from the text encoder's weights, so after
+        loading a base checkpoint (one without learned vectors) the manager is built again from them."""
+        if self.embedding_manager is not None and not any(k.startswith("embedding_manager.") for k in loaded_keys):
+            device = next(self.cond_stage_model.parameters()).device
+            self.embedding_manager = self.build_embedding_manager().to(device)
 
     # ---- freezing ---------------------------------------------------------------------------
     def frozen_modules(self):
