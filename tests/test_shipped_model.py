@@ -1,0 +1,31 @@
+"""The shipped tiny shapes-world model: strict load with its config, small, usable for TI out of the box."""
+import json
+import os
+
+import torch
+from omegaconf import OmegaConf
+
+from load import load_model_from_config, read_state_dict
+
+MODEL = "models/ldm/tiny-shapes"
+
+
+def test_checkpoint_loads_strictly_with_its_config():
+    model = load_model_from_config(OmegaConf.load(f"{MODEL}/config.yaml"), f"{MODEL}/model.safetensors", strict=True)
+    state, _ = read_state_dict(f"{MODEL}/model.safetensors")
+    assert set(state) == set(model.state_dict())
+    assert os.path.getsize(f"{MODEL}/model.safetensors") <= 30 * 2 ** 20
+
+
+def test_every_shipped_concept_builds_a_ti_model():
+    config = OmegaConf.merge(OmegaConf.load(f"{MODEL}/config.yaml"), OmegaConf.load("configs/tiny-shapes/finetune.yaml"))
+    model = load_model_from_config(config, f"{MODEL}/model.safetensors")
+    emb = model.cond_stage_model.token_embedding.weight
+    concepts = sorted(os.listdir("dataset"))
+    assert len(concepts) >= 4
+    for name in concepts:
+        spec = json.load(open(f"dataset/{name}/concept.json"))
+        (token,) = model.cond_stage_model.word_token_ids(spec["init_word"])
+        assert spec["attributes"]["shape"] == spec["init_word"]
+        assert 4 <= len([f for f in os.listdir(f"dataset/{name}") if f.endswith(".png")]) <= 6
+        assert torch.isfinite(emb[token]).all()
