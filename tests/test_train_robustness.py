@@ -72,8 +72,8 @@ def test_sigterm_saves_the_embedding_and_a_resumable_checkpoint(images, ckpt, tm
 @pytest.mark.parametrize("case, expect", [
     ("missing_root", "is not a folder"),
     ("empty_root", "no images"),
-    ("bad_init_word", "not one"),
-    ("multi_token_placeholder", "not one"),
+    ("bad_init_word", "not in the text encoder's vocabulary"),
+    ("vocabulary_word_placeholder", "already the vocabulary token"),
     ("missing_ckpt", "not found"),
     ("other_architecture", "missing"),
 ])
@@ -85,9 +85,9 @@ def test_bad_input_gets_one_line(case, expect, images, ckpt, tmp_path, manifest_
         os.makedirs(tmp_path / "empty")
         args["root"] = str(tmp_path / "empty")
     elif case == "bad_init_word":
-        args["init"] = "qwzxv"
-    elif case == "multi_token_placeholder":
-        args["ph"] = "<my-thing>"
+        args["init"] = "\u2603"  # a snowman: the unknown token, in no vocabulary
+    elif case == "vocabulary_word_placeholder":
+        args["ph"] = "dog"
     elif case == "missing_ckpt":
         args["ckpt"] = str(tmp_path / "model.ckpt")
     elif case == "other_architecture":
