@@ -50,3 +50,9 @@ def make_encoder(encoder_dirs, fixture_dir):
         return FrozenT5Embedder(version=str(encoder_dirs["t5"]))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ckpt(fixture_dir):
+    """The reference tiny LDM's weights, used as --actual_resume by the training tests."""
+    return str(fixture_dir / "state_dict.safetensors")

@@ -15,11 +15,6 @@ CONFIG = "configs/tiny/txt2img-tiny-finetune.yaml"
 
 
 @pytest.fixture(scope="module")
-def ckpt(fixture_dir):
-    return str(fixture_dir / "state_dict.safetensors")
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("concept")
     rng = np.random.default_rng(0)

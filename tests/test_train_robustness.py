@@ -16,11 +16,6 @@ CONFIG = "configs/tiny/txt2img-tiny-finetune.yaml"
 
 
 @pytest.fixture(scope="module")
-def ckpt(fixture_dir):
-    return str(fixture_dir / "state_dict.safetensors")
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddpdata")
     for i in range(2):
