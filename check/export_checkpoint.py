@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS  # noqa: E402
-from ldm.util import atomic_path  # noqa: E402
+from ldm.util import atomic_path, instantiate_from_config  # noqa: E402
 from load import read_state_dict  # noqa: E402
 
 
@@ -42,16 +42,12 @@ def latent_scale_factor(run_dir, n=512):
 
     cfg = OmegaConf.load(sorted(glob(os.path.join(run_dir, "configs", "*-project.yaml")))[-1])
     model = load_model_from_config(cfg, checkpoint_of(run_dir))
-    data = [instantiate(cfg.data.params.train)[i] for i in range(n)]
+    dataset = instantiate_from_config(cfg.data.params.train)
+    data = [dataset[i] for i in range(n)]
     x = images_from_batch({"image": torch.stack([torch.from_numpy(d["image"]) for d in data])}, "image")
     with torch.no_grad():
         z = model.encode(x).sample()
     return 1.0 / z.flatten().std().item()
-
-
-def instantiate(cfg):
-    from ldm.util import instantiate_from_config
-    return instantiate_from_config(cfg)
 
 
 def main(argv=None):

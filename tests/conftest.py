@@ -56,3 +56,18 @@ def make_encoder(encoder_dirs, fixture_dir):
 def ckpt(fixture_dir):
     """The reference tiny LDM's weights, used as --actual_resume by the training tests."""
     return str(fixture_dir / "state_dict.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(fixture_dir):
+    """BERTEmbedder(32, 2) holding the tiny model's `cond_stage_model.` weights, frozen (one per test module:
+    managers register placeholder tokens in its tokenizer)."""
+    from safetensors.torch import load_file
+
+    from ldm.modules.encoders.modules import BERTEmbedder
+
+    state = load_file(str(fixture_dir / "state_dict.safetensors"))
+    prefix = "cond_stage_model."
+    bert = BERTEmbedder(n_embed=32, n_layer=2)
+    bert.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    return bert.freeze()

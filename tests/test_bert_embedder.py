@@ -20,16 +20,6 @@ def metadata(fixture_dir):
     return json.loads((fixture_dir / "cases_index.json").read_text())["metadata"]
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(fixture_dir):
-    """BERTEmbedder(32, 2) holding the tiny model's `cond_stage_model.` weights, frozen."""
-    state = load_file(str(fixture_dir / "state_dict.safetensors"))
-    prefix = "cond_stage_model."
-    bert = BERTEmbedder(n_embed=32, n_layer=2)
-    bert.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-    return bert.freeze()
-
-
 @pytest.mark.parametrize("suffix", ["", "_uc"])
 def test_parity_with_reference(tiny_bert, cases, suffix):
     with torch.no_grad():
