@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash install.sh
 export HF_HUB_OFFLINE=1
-CONCEPT=${CONCEPT:-checker_red_circle}
+CONCEPT=${CONCEPT:-checker_circle}
 INIT_WORD=${INIT_WORD:-circle}
 .venv/bin/python train_new.py --base models/ldm/tiny-shapes/config.yaml configs/tiny-shapes/finetune.yaml -t \
     --actual_resume models/ldm/tiny-shapes/model.safetensors -n demo --data_root "dataset/$CONCEPT" \

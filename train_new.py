@@ -35,6 +35,9 @@ class UsageError(Exception):
     """A problem with the command line or its files, reported in one line."""
 
 
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+
+
 def get_parser(default_base=()):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-b", "--base", nargs="*", default=list(default_base), metavar="config.yaml",
@@ -55,6 +58,11 @@ def get_parser(default_base=()):
     p.add_argument("--embedding_manager_ckpt", default=None, help="start from a saved embedding file")
     p.add_argument("--allow_existing_token", action="store_true", default=None,
                    help="let the placeholder be a word of the text encoder's vocabulary (its meaning is retrained)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="32; bf16-mixed (autocast on CPU or GPU); 16-mixed (autocast + grad scaler, GPU only). "
+                        "Weights and the learned embedding stay float32")
+    p.add_argument("--grad_checkpoint", type=_bool, default=None,
+                   help="gradient checkpointing of the UNet and of the LDM BERT encoder (true/false)")
     p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
     return p
 
@@ -77,6 +85,17 @@ def resolve_resume(opt):
     return logdir, ckpt, saved[0] + saved[1]
 
 
+def apply_speed_options(config, opt):
+    """--precision -> lightning.trainer.precision; --grad_checkpoint -> the UNet's and BERT's use_checkpoint."""
+    if opt.precision is not None:
+        OmegaConf.update(config, "lightning.trainer.precision", opt.precision)
+    if opt.grad_checkpoint is not None:
+        OmegaConf.update(config, "model.params.unet_config.params.use_checkpoint", opt.grad_checkpoint)
+        cond = OmegaConf.select(config, "model.params.cond_stage_config")
+        if cond is not None and cond.target.endswith("BERTEmbedder"):
+            OmegaConf.update(cond, "params.use_checkpoint", opt.grad_checkpoint)
+
+
 def build_config(opt, dotlist):
     """Merge the base configs, the CLI overrides and the TI flags; record the CLI values under `run`."""
     if not opt.base:
@@ -91,6 +110,7 @@ def build_config(opt, dotlist):
             run[key] = getattr(opt, key)
     config.run = run
     apply_run_to_config(config)
+    apply_speed_options(config, opt)
     return config
 
 
@@ -122,7 +142,10 @@ def choose_devices(opt, trainer_cfg):
         if torch.cuda.is_available():
             return "gpu", ids
         log.warning("--gpus %s given but no CUDA device is available: training on the CPU", opt.gpus)
-    return trainer_cfg.pop("accelerator", "cpu"), trainer_cfg.pop("devices", 1)
+    accelerator = trainer_cfg.pop("accelerator", "cpu")
+    if str(trainer_cfg.get("precision", "32")).startswith("16") and accelerator == "cpu":
+        raise UsageError("precision 16-mixed needs a GPU (--gpus 0,): use bf16-mixed or 32 on the CPU")
+    return accelerator, trainer_cfg.pop("devices", 1)
 
 
 def make_callbacks(opt, config, lightning_config, now, logdir):

@@ -1,10 +1,10 @@
 """Textual-inversion scores for shapes-world concepts, read analytically from generated pixels.
 
-Fidelity: share of "a photo of a *" samples showing all five concept attributes. Editability:
-share of edit-prompt samples showing the edited value while keeping the other four. The baseline
+Fidelity: share of "a photo of a *" samples showing every attribute of the concept. Editability:
+share of edit-prompt samples showing the edited value while keeping the concept's attributes. The baseline
 replaces `*` by the concept's init word. Scoring a folder of samples:
 
-    python -m check.concept_eval --images outputs/txt2img --spec dataset/checker_red_circle/concept.json
+    python -m check.concept_eval --images outputs/txt2img --spec dataset/checker_circle/concept.json
 """
 import argparse
 import json
@@ -12,7 +12,6 @@ import json
 import numpy as np
 
 from ldm.data.images import list_images, load_rgb
-from ldm.data.shapes_palette import ATTRIBUTES
 from ldm.data.shapes_readers import read_attributes
 
 PLACEHOLDER = "*"
@@ -31,18 +30,18 @@ def _share_matching(reads, expected):
 
 
 def per_attribute_match(images, spec):
-    """{attribute: share of images whose read value equals the concept's}."""
+    """{attribute: share of images whose read value equals the concept's}, for the concept's attributes."""
     reads = _read_all(images)
-    return {a: _share_matching(reads, {a: spec["attributes"][a]}) for a in ATTRIBUTES}
+    return {a: _share_matching(reads, {a: v}) for a, v in spec["attributes"].items()}
 
 
 def concept_fidelity(images, spec):
-    """Share of images showing all five attributes of the concept."""
+    """Share of images showing every attribute of the concept."""
     return _share_matching(_read_all(images), spec["attributes"])
 
 
 def edit_success(images, spec, edit):
-    """Share of images showing edit["attribute"] = edit["value"] and the concept's other four attributes."""
+    """Share of images showing edit["attribute"] = edit["value"] and the concept's other attributes."""
     expected = {**spec["attributes"], edit["attribute"]: edit["value"]}
     return _share_matching(_read_all(images), expected)
 

@@ -22,33 +22,33 @@ from omegaconf import OmegaConf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from check.concept_eval import evaluate_concept, format_table  # noqa: E402
-from ldm.data.shapes_palette import COLOURS, SHAPES  # noqa: E402
+from ldm.data.shapes_palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES  # noqa: E402
 from ldm.data.shapes_readers import read_attributes  # noqa: E402
-from ldm.models.diffusion.sampling import sample_latents  # noqa: E402
+from ldm.models.diffusion.sampling import SAMPLERS, sample_latents  # noqa: E402
 from load import load_model_from_config  # noqa: E402
 
 MODEL_DIR = "models/ldm/tiny-shapes"
 FINETUNE = "configs/tiny-shapes/finetune.yaml"
 
 
-def train_embedding(spec, folder, out, extra):
+def train_embedding(spec, folder, out, weights, logdir, extra):
     """Run train_new.py's code path for one concept; copy its final embeddings.pt to `out`."""
     import train_new
 
     os.environ.pop("LDM_RUN_STAMP", None)
     run = train_new.main(["--base", f"{MODEL_DIR}/config.yaml", FINETUNE, "-t", "--actual_resume",
-                          f"{MODEL_DIR}/model.safetensors", "-n", spec["name"], "--data_root", folder,
-                          "--init_word", spec["init_word"], "--placeholder_string", "*", "-l", "logs/concepts", *extra])
+                          weights, "-n", spec["name"], "--data_root", folder,
+                          "--init_word", spec["init_word"], "--placeholder_string", "*", "-l", logdir, *extra])
     os.makedirs(os.path.dirname(out), exist_ok=True)
     shutil.copyfile(os.path.join(run.logdir, "checkpoints", "embeddings.pt"), out)
 
 
-def make_sampler(model, steps, scale, seed):
+def make_sampler(model, steps, scale, seed, sampler="ddim"):
     """generate(prompt, n) -> list of uint8 (32, 32, 3), batched, seeded per prompt."""
     def generate(prompt, n):
         g = torch.Generator().manual_seed(seed)
         z = sample_latents(model, [prompt] * n, (n, model.channels, model.image_size, model.image_size),
-                           steps=steps, scale=scale, generator=g)
+                           steps=steps, scale=scale, sampler=sampler, generator=g)
         x = model.decode_first_stage(z).clamp(-1, 1)
         return list(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     return generate
@@ -67,15 +67,32 @@ def caption_following(generate, n):
     return rows
 
 
+def scene_following(generate, n):
+    """Share of samples of "a photo of a {colour} {shape} in the {scene}" showing the scene's home value."""
+    rows = []
+    for k, (scene, (attribute, value)) in enumerate(SCENES.items()):
+        shape, colour = SHAPES[k % len(SHAPES)], tuple(COLOURS)[k % len(COLOURS)]
+        images = generate(f"a photo of a {colour} {shape} {SCENE_PHRASE.format(scene)}", n)
+        hit = sum(read_attributes(img)[attribute] == value for img in images) / n
+        rows.append({"scene": scene, "leans": f"{attribute} = {value}", "caption": f"{colour} {shape}",
+                     "home_match": hit})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all in dataset/)")
     p.add_argument("--embeddings", default="outputs/concept_embeddings", help="folder of <concept>.pt files")
+    p.add_argument("--logdir", default="logs/concepts", help="parent folder of the TI runs")
+    p.add_argument("--weights", default=f"{MODEL_DIR}/model.safetensors",
+                   help="weights of the model (e.g. a pretraining run's last.ckpt) for its config.yaml")
     p.add_argument("--n", type=int, default=64, help="samples per prompt")
-    p.add_argument("--ddim_steps", type=int, default=50)
+    p.add_argument("--ddim_steps", type=int, default=50, help="sampling steps (of any --sampler)")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     p.add_argument("--scale", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--captions", action="store_true", help="also score caption following of the base model")
+    p.add_argument("--captions", action="store_true",
+                   help="also score caption and scene-word following of the base model")
     p.add_argument("--out", default=None, help="write the tables (markdown) here too")
     p.add_argument("train_overrides", nargs="*", help="key=value overrides for the TI runs")
     args = p.parse_args(argv)
@@ -87,18 +104,22 @@ def main(argv=None):
         out = os.path.join(args.embeddings, f"{spec['name']}.pt")
         if not os.path.exists(out):
             with torch.enable_grad():
-                train_embedding(spec, os.path.join("dataset", spec["name"]), out, args.train_overrides)
+                train_embedding(spec, os.path.join("dataset", spec["name"]), out, args.weights, args.logdir,
+                                args.train_overrides)
 
     config = OmegaConf.merge(OmegaConf.load(f"{MODEL_DIR}/config.yaml"), OmegaConf.load(FINETUNE))
-    model = load_model_from_config(config, f"{MODEL_DIR}/model.safetensors")
-    generate = make_sampler(model, args.ddim_steps, args.scale, args.seed)
-    sections = [f"Measured {datetime.date.today()}: n={args.n} per prompt, DDIM {args.ddim_steps} steps, "
+    model = load_model_from_config(config, args.weights)
+    generate = make_sampler(model, args.ddim_steps, args.scale, args.seed, args.sampler)
+    sections = [f"Measured {datetime.date.today()}: n={args.n} per prompt, {args.sampler} {args.ddim_steps} steps, "
                 f"guidance {args.scale}."]
     if args.captions:
         manager, model.embedding_manager = model.embedding_manager, None
         rows = caption_following(generate, args.n)
+        scenes = scene_following(generate, args.n)
         model.embedding_manager = manager
         sections.append("Caption following of the pretrained model:\n\n" + format_table(rows))
+        sections.append("Scene words leaning their unnamed attribute (chance: 1/3 pattern and outline, "
+                        "1/4 background):\n\n" + format_table(scenes))
     rows = []
     for spec in specs:
         model.embedding_manager.load(os.path.join(args.embeddings, f"{spec['name']}.pt"))

@@ -10,12 +10,13 @@ from check.concept_eval import (concept_fidelity, edit_success, evaluate_concept
                                 main, per_attribute_match)
 from ldm.data.mask_ops import erode, erode_round, fill_holes, label_components, largest_component
 from ldm.data.shapes_concepts import CONCEPTS
-from ldm.data.shapes_palette import ATTRIBUTES, BACKGROUNDS, VALUES, home_values
+from ldm.data.shapes_palette import ATTRIBUTES, BACKGROUNDS, VALUES
 from ldm.data.shapes_readers import read_attributes
 from ldm.data.shapes_world import render, sample_attributes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEC = CONCEPTS[0]  # checker red circle, black outline, slate background
+SPEC = CONCEPTS[0]  # checker circle, black outline, slate background, any colour
+RED = {**SPEC["attributes"], "colour": "red"}
 
 
 def _blur(x, sigma):
@@ -42,7 +43,7 @@ def _all_correct_share(n, degrade):
     hits = []
     for i in range(n):
         rng = np.random.default_rng([11, i])
-        attrs = sample_attributes(rng, p_home=0.0 if i % 2 else 0.6)  # half far from home: every combination
+        attrs, _ = sample_attributes(rng, held_out=frozenset())
         img = render(attrs, rng)
         hits.append(read_attributes(_degrade(img, rng) if degrade else img) == attrs)
     return np.mean(hits)
@@ -64,9 +65,9 @@ def test_readers_say_unknown_without_an_object():
 
 
 def test_readers_accept_other_sizes():
-    img = render(SPEC["attributes"], np.random.default_rng(0))
+    img = render(RED, np.random.default_rng(0))
     big = np.asarray(Image.fromarray(img).resize((64, 64), Image.Resampling.BICUBIC))
-    assert read_attributes(big) == SPEC["attributes"]
+    assert read_attributes(big) == RED
     with pytest.raises(ValueError, match="uint8"):
         read_attributes(img.astype(np.float32))
 
@@ -77,30 +78,29 @@ def _renders(attrs, n=4, seed=0):
 
 
 def test_scores_on_hand_made_cases():
-    right = _renders(SPEC["attributes"])
-    wrong_background = _renders({**SPEC["attributes"], "background": "mint"})
+    right = _renders(RED)
+    wrong_background = _renders({**RED, "background": "mint"})
     edit = SPEC["edits"][0]
-    edited = _renders({**SPEC["attributes"], edit["attribute"]: edit["value"]})
+    edited = _renders({**RED, edit["attribute"]: edit["value"]})
     assert concept_fidelity(right, SPEC) == 1.0 and concept_fidelity(wrong_background, SPEC) == 0.0
-    assert per_attribute_match(wrong_background, SPEC) == dict.fromkeys(ATTRIBUTES, 1.0) | {"background": 0.0}
+    assert per_attribute_match(wrong_background, SPEC) == dict.fromkeys(SPEC["attributes"], 1.0) | {"background": 0.0}
     assert concept_fidelity(right + wrong_background, SPEC) == 0.5
-    assert edit_success(edited, SPEC, edit) == 1.0 and concept_fidelity(edited, SPEC) == 0.0
+    assert edit_success(edited, SPEC, edit) == 1.0 and concept_fidelity(edited, SPEC) == 1.0  # colour is free
     assert edit_success(right, SPEC, edit) == 0.0
-    edited_wrong_background = _renders({**SPEC["attributes"], edit["attribute"]: edit["value"], "background": "mint"})
+    edited_wrong_background = _renders({**RED, edit["attribute"]: edit["value"], "background": "mint"})
     assert edit_success(edited_wrong_background, SPEC, edit) == 0.0
     with pytest.raises(ValueError, match="no images"):
         concept_fidelity([], SPEC)
 
 
 def _fake_generate(prompts):
-    """A sampler that gets `*` right and gives the init word its home values; records the prompts."""
+    """A sampler that gets `*` right and gives the init word other unnamed values; records the prompts."""
     def generate(prompt, n):
         prompts.append(prompt)
         words = prompt.split()
-        colour = words[-2] if words[-2] in VALUES["colour"] else SPEC["attributes"]["colour"]
-        attrs = {**SPEC["attributes"], "colour": colour}
+        attrs = {**RED, "colour": words[-2]} if words[-2] in VALUES["colour"] else dict(RED)
         if words[-1] != "*":
-            attrs.update(home_values(attrs["shape"], colour))
+            attrs.update(pattern="solid", background="mint", outline="none")
         return _renders(attrs, n)
     return generate
 
@@ -129,14 +129,14 @@ def test_shipped_concept_images_score_full_fidelity():
 
 
 def test_cli_scores_a_folder(tmp_path, capsys):
-    for k, img in enumerate(_renders(SPEC["attributes"], n=2)):
+    for k, img in enumerate(_renders(RED, n=2)):
         Image.fromarray(img).save(tmp_path / f"{k}.png")
     spec_path = os.path.join(REPO, "dataset", SPEC["name"], "concept.json")
     main(["--images", str(tmp_path), "--spec", spec_path, "--edit", SPEC["edits"][0]["prompt"]])
     lines = capsys.readouterr().out.splitlines()
-    header = "| concept | images | edit_success | fidelity | shape | colour | pattern | background | outline |"
+    header = "| concept | images | edit_success | fidelity | shape | pattern | background | outline |"
     assert lines[0] == header
-    assert lines[2] == f"| {SPEC['name']} | 2 | 0.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |"
+    assert lines[2] == f"| {SPEC['name']} | 2 | 0.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |"
 
 
 def test_mask_ops():

