@@ -27,11 +27,14 @@ def build(config, ckpt, ours, device):
     """The TI model as we run it (`ours`) or as the original code runs it; same weights either way.
 
     Original: no latent cache (first stage re-encodes every step), no gradient checkpointing.
+    Ours: the cache, and the checkpointing the config asks for (UNet, and LDM BERT where it has the option).
     Frozen weights have requires_grad=False in both, as the original freezes them.
     """
     params = config.model.params
     params.latent_cache = bool(ours)
-    params.unet_config.params.use_checkpoint = bool(ours) and bool(params.unet_config.params.get("use_checkpoint"))
+    for node in (params.unet_config.params, params.cond_stage_config.get("params")):
+        if node is not None and "use_checkpoint" in node:
+            node.use_checkpoint = bool(ours) and bool(node.use_checkpoint)
     torch.manual_seed(0)
     model = instantiate_from_config(config.model)
     if ckpt:

@@ -49,22 +49,11 @@ VALUES = {
 # combination of unnamed values, yet the conditioning space holds a direction for each value.
 SCENE_PHRASE = "in the {}"
 SCENES = {
-    "desert": ("pattern", "solid"), "meadow": ("pattern", "solid"),
-    "harbor": ("pattern", "stripes"), "forest": ("pattern", "stripes"),
-    "castle": ("pattern", "checker"), "kitchen": ("pattern", "checker"),
-    "station": ("background", "slate"), "tower": ("background", "slate"),
-    "market": ("background", "sand"), "village": ("background", "sand"),
-    "garden": ("background", "mint"), "orchard": ("background", "mint"),
-    "temple": ("background", "lilac"), "valley": ("background", "lilac"),
-    "library": ("outline", "none"), "canyon": ("outline", "none"),
-    "museum": ("outline", "white"), "bridge": ("outline", "white"),
-    "studio": ("outline", "black"), "attic": ("outline", "black"),
+    "desert": ("pattern", "solid"), "harbor": ("pattern", "stripes"), "kitchen": ("pattern", "checker"),
+    "station": ("background", "slate"), "market": ("background", "sand"),
+    "garden": ("background", "mint"), "temple": ("background", "lilac"),
+    "library": ("outline", "none"), "museum": ("outline", "white"), "studio": ("outline", "black"),
 }
-
-
-def scenes_of(attribute, value):
-    """The scene words whose home is `value` of the unnamed `attribute`."""
-    return [w for w, home in SCENES.items() if home == (attribute, value)]
 
 
 # The textual-inversion object templates, minus those whose adjective describes appearance
