@@ -73,7 +73,8 @@ def load_state_dict_into(model, path, strict=True, ignore_prefixes=(), allow_mis
     for k in dropped:
         sd.pop(k)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith(tuple(allow_missing_prefixes))]
+    allowed = tuple(allow_missing_prefixes) + tuple(getattr(model, "new_parameter_prefixes", ()))
+    missing = [k for k in missing if not k.startswith(allowed)]
     summary = (f"{os.path.basename(path)}: {len(sd)} tensors loaded, {len(missing)} missing, "
                f"{len(unexpected)} unexpected, {len(dropped)} ignored (EMA/buffers)")
     if (missing or unexpected) and strict:

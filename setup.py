@@ -4,6 +4,7 @@ Run folder (`logs/<data><time>_<name>/`):
     configs/<time>-project.yaml, configs/<time>-lightning.yaml   the merged config, resolved
     checkpoints/last.ckpt                                          resumable state (TI: embedding only)
     checkpoints/embeddings.pt, checkpoints/embeddings_gs-<N>.pt    learned vectors, original format
+    checkpoints/modules.safetensors, modules_gs-<N>.safetensors    trained conditioner modules, if any
 Every file is written atomically (temporary file + rename), and only by rank 0.
 """
 import logging
@@ -14,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
+from safetensors.torch import save_file
 
 from ldm.util import atomic_path, atomic_write_text
 
@@ -66,9 +68,13 @@ class EmbeddingCheckpoint(pl.Callback):
         manager = getattr(pl_module, "embedding_manager", None)
         if manager is None:
             return
-        manager.save(os.path.join(self.ckptdir, "embeddings.pt"))
-        if step is not None:
-            manager.save(os.path.join(self.ckptdir, f"embeddings_gs-{step}.pt"))
+        names = [""] if step is None else ["", f"_gs-{step}"]
+        modules = pl_module.trainable_module_state()
+        for suffix in names:
+            manager.save(os.path.join(self.ckptdir, f"embeddings{suffix}.pt"))
+            if modules:
+                with atomic_path(os.path.join(self.ckptdir, f"modules{suffix}.safetensors")) as tmp:
+                    save_file({k: v.contiguous() for k, v in modules.items()}, tmp)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

@@ -232,9 +232,11 @@ def run(opt, dotlist):
     return Run(logdir, model, trainer)
 
 
-def main(argv=None, default_base=()):
+def main(argv=None, default_base=(), overlays=()):
+    """overlays: configs merged after --base (the improvement entry points add their conditioner's)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opt, dotlist = get_parser(default_base).parse_known_args(argv)
+    opt.base = list(opt.base) + [o for o in overlays if o not in opt.base]
     bad = [a for a in dotlist if "=" not in a]
     if bad:
         raise SystemExit(f"error: unknown arguments {bad} (config overrides are written key=value)")

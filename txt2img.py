@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ldm.models.diffusion.sampling import sample_latents
-from load import load_model_from_config
+from load import load_model_from_config, read_state_dict
 from make_log_new import make_grid, save_png
 
 log = logging.getLogger("txt2img")
@@ -40,19 +40,22 @@ def get_parser(default_config="configs/latent-diffusion/txt2img-1p4B-eval.yaml",
     p.add_argument("--W", type=int, default=256)
     p.add_argument("--n_samples", type=int, default=4, help="images per batch")
     p.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--config", default=default_config)
+    p.add_argument("--config", nargs="+", default=[default_config] if isinstance(default_config, str) else
+                   list(default_config), help="model config(s), merged left to right")
     p.add_argument("--ckpt_path", default=default_ckpt)
     p.add_argument("--embedding_path", default=None, help="learned embedding file (embeddings.pt)")
+    p.add_argument("--modules_path", default=None,
+                   help="trained conditioner modules (default: modules.safetensors beside --embedding_path, if any)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
 def load_model(opt):
-    for path, what in ((opt.config, "--config"), (opt.ckpt_path, "--ckpt_path")):
+    for path, what in [*((c, "--config") for c in opt.config), (opt.ckpt_path, "--ckpt_path")]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{what} {path} not found")
-    config = OmegaConf.load(opt.config)
+    config = OmegaConf.merge(*[OmegaConf.load(c) for c in opt.config])
     params = config.model.params
     if opt.embedding_path and params.get("personalization_config") is None:
         params.personalization_config = DEFAULT_MANAGER
@@ -61,7 +64,36 @@ def load_model(opt):
         if not os.path.isfile(opt.embedding_path):
             raise FileNotFoundError(f"--embedding_path {opt.embedding_path} not found")
         model.embedding_manager.load(opt.embedding_path)
+    modules = opt.modules_path or modules_beside(opt.embedding_path)
+    if modules:
+        load_modules(model, modules)
     return model.to(opt.device)
+
+
+def modules_beside(embedding_path):
+    """checkpoints/modules<suffix>.safetensors for checkpoints/embeddings<suffix>.pt, if it exists."""
+    if not embedding_path:
+        return None
+    folder, name = os.path.split(embedding_path)
+    stem = os.path.splitext(name)[0]
+    if not stem.startswith("embeddings"):
+        return None
+    path = os.path.join(folder, "modules" + stem[len("embeddings"):] + ".safetensors")
+    return path if os.path.isfile(path) else None
+
+
+def load_modules(model, path):
+    """Load a run's trained conditioner modules (full state-dict keys) into `model`, checking they fit."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--modules_path {path} not found")
+    state, _ = read_state_dict(path)
+    own = model.state_dict()
+    misfit = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+    if misfit:
+        raise ValueError(f"{path} holds modules of another model ({misfit[0]} does not fit): "
+                         "pass the --config the run was trained with")
+    model.load_state_dict(state, strict=False)
+    log.info("%s: %d conditioner tensors loaded", os.path.basename(path), len(state))
 
 
 def read_prompts(opt):
@@ -127,9 +159,11 @@ def run(opt):
     return written
 
 
-def main(argv=None, **defaults):
+def main(argv=None, overlays=(), **defaults):
+    """overlays: configs merged after --config (the improvement entry points add their conditioner's)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opt = get_parser(**defaults).parse_args(argv)
+    opt.config = list(opt.config) + [o for o in overlays if o not in opt.config]
     try:
         with torch.no_grad():
             return run(opt)

@@ -48,7 +48,8 @@ class LatentDiffusion(NoiseSchedule, pl.LightningModule):
                  given_betas=None, scale_factor=1.0, image_size=32, channels=4, first_stage_key="image",
                  cond_stage_key="caption", conditioning_key="crossattn", cond_stage_trainable=False,
                  embedding_reg_weight=0.0, cond_drop_prob=0.0, latent_cache=False, channels_last=False,
-                 compile=False, ckpt_path=None, ignore_keys=(), **reference_options):
+                 compile=False, ckpt_path=None, ignore_keys=(), train_embedding=True, trainable_modules=None,
+                 **reference_options):
         super().__init__()
         self.reference = _ReferenceOptions(**reference_options)
         self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas,
@@ -67,6 +68,9 @@ class LatentDiffusion(NoiseSchedule, pl.LightningModule):
             freeze(self.model), freeze(self.cond_stage_model)
         elif not cond_stage_trainable:
             freeze(self.cond_stage_model)
+        self.train_embedding = train_embedding
+        self.trainable_modules = dict(trainable_modules or {})  # submodule path -> learning rate (None: base)
+        self.unfreeze_trainable_modules()
         self.latent_cache = LatentCache() if latent_cache else None
         if ckpt_path is not None:
             from load import load_state_dict_into
@@ -89,23 +93,62 @@ class LatentDiffusion(NoiseSchedule, pl.LightningModule):
         if self.embedding_manager is not None and not any(k.startswith("embedding_manager.") for k in loaded_keys):
             device = next(self.cond_stage_model.parameters()).device
             self.embedding_manager = self.build_embedding_manager().to(device)
+            self.unfreeze_trainable_modules()
 
     # ---- freezing ---------------------------------------------------------------------------
+    @property
+    def new_parameter_prefixes(self):
+        """State-dict prefixes a base checkpoint lacks: the learned vectors, and new conditioner modules."""
+        extra = getattr(self.cond_stage_model, "new_parameter_prefixes", ())
+        return ("embedding_manager.",) + tuple(f"cond_stage_model.{p}" for p in extra)
+
+    def unfreeze_trainable_modules(self):
+        """In TI mode, `trainable_modules` train beside (or, without train_embedding, instead of) the vectors."""
+        if self.embedding_manager is None:
+            if self.trainable_modules or not self.train_embedding:
+                raise ValueError("trainable_modules and train_embedding apply to textual inversion: "
+                                 "add a personalization_config")
+            return
+        for path in self.trainable_modules:
+            self.get_submodule(path).requires_grad_(True)
+        for p in self.embedding_manager.embedding_parameters():
+            p.requires_grad_(self.train_embedding)
+        if not self.trainable_parameters():
+            raise ValueError("nothing to train: set train_embedding true or list trainable_modules")
+
     def frozen_modules(self):
         return [m for m in (self.model, self.first_stage_model, self.cond_stage_model)
                 if not any(p.requires_grad for p in m.parameters())]
 
     def train(self, mode=True):
-        """Frozen parts stay in eval mode whatever Lightning asks (dropout off, as at inference)."""
+        """Frozen parts stay in eval mode whatever Lightning asks (dropout off, as at inference);
+        of a partly trained part only its `trainable_modules` follow `mode`."""
         super().train(mode)
         for m in self.frozen_modules():
             m.eval()
+        for path in self.trainable_modules:
+            self.get_submodule(path.split(".")[0]).eval()
+        for path in self.trainable_modules:
+            self.get_submodule(path).train(mode)
         return self
 
+    def param_groups(self, lr):
+        """Optimizer groups: the vectors at `lr`, each trainable module at its own rate (or `lr`)."""
+        if self.embedding_manager is None:
+            return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+        vectors = list(self.embedding_manager.embedding_parameters())
+        groups = [{"params": vectors, "lr": lr}] if self.train_embedding else []
+        groups += [{"params": list(self.get_submodule(path).parameters()), "lr": lr if mlr is None else mlr}
+                   for path, mlr in self.trainable_modules.items()]
+        return groups
+
     def trainable_parameters(self):
-        if self.embedding_manager is not None:
-            return list(self.embedding_manager.embedding_parameters())
-        return [p for p in self.parameters() if p.requires_grad]
+        return [p for group in self.param_groups(0.0) for p in group["params"]]
+
+    def trainable_module_state(self):
+        """{full state-dict key: tensor} of the trainable modules (what a TI run saves beside its vectors)."""
+        prefixes = tuple(f"{path}." for path in self.trainable_modules)
+        return {k: v.detach() for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
     # ---- first stage and conditioning ------------------------------------------------------------
     @torch.no_grad()
@@ -192,13 +235,13 @@ class LatentDiffusion(NoiseSchedule, pl.LightningModule):
 
     def configure_optimizers(self):
         lr = getattr(self, "learning_rate", 1e-4)
-        return torch.optim.AdamW(self.trainable_parameters(), lr=lr)
+        return torch.optim.AdamW(self.param_groups(lr), lr=lr)
 
     # ---- checkpoints: in TI mode only the trainable state is written ----------------------------
     def on_save_checkpoint(self, checkpoint):
         if self.embedding_manager is not None:
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if k.startswith("embedding_manager.")}
+            keep = ("embedding_manager.",) + tuple(f"{path}." for path in self.trainable_modules)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(keep)}
 
     def on_load_checkpoint(self, checkpoint):
         if self.embedding_manager is not None:

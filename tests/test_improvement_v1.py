@@ -1,0 +1,89 @@
+"""Improvement v1: starts bit-identical to the base conditioner; trains what the config says; saves and loads."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import train_new
+import txt2img
+from improvement.v1.post_BERT import PostBERTEmbedder
+from train_new_v1 import V1
+
+CONFIG = "configs/tiny/txt2img-tiny-finetune.yaml"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("concept")
+    for i in range(2):
+        arr = np.full((16, 16, 3), 30 + 60 * i, np.uint8)
+        arr[3:13, 3:13] = (220, 40, 40)
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+    return str(folder)
+
+
+def _train(images, ckpt, logdir, *extra):
+    os.environ.pop("LDM_RUN_STAMP", None)
+    return train_new.main(["--base", CONFIG, "-t", "--actual_resume", ckpt, "-n", "v1", "--data_root", images,
+                           "--init_word", "dog", "--placeholder_string", "*", "-l", str(logdir),
+                           "lightning.trainer.max_steps=4", *extra], overlays=(V1,))
+
+
+def test_v1_starts_bit_identical_to_bert(tiny_bert):
+    wrapped = PostBERTEmbedder(n_embed=32, n_layer=2)
+    missing, unexpected = wrapped.load_state_dict(tiny_bert.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(PostBERTEmbedder.new_parameter_prefixes) for k in missing)
+    captions = ["a photo of a dog", "a red circle in the kitchen"]
+    with torch.no_grad():
+        assert torch.equal(wrapped.eval()(captions), tiny_bert(captions))
+
+
+@pytest.fixture(scope="module")
+def both(images, ckpt, tmp_path_factory):
+    return _train(images, ckpt, tmp_path_factory.mktemp("logs"))
+
+
+def test_embedding_and_modules_train_the_rest_stays(both, ckpt):
+    model, reference = both.model, load_file(ckpt)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in reference.items()), "a base weight changed"
+    vector = model.embedding_manager.string_to_param_dict["*"].detach()[0]
+    assert not torch.equal(vector, reference["cond_stage_model.transformer.token_emb.weight"][3899])
+    assert model.cond_stage_model.adapter.up.weight.abs().sum() > 0
+    assert model.cond_stage_model.post_block.ff.net[2].weight.abs().sum() > 0
+    groups = both.trainer.optimizers[0].param_groups
+    assert [g["lr"] for g in groups] == [pytest.approx(5e-3 * 2), 1e-4, 1e-4]  # base lr x batch 2, then modules
+    model.train()  # what Lightning calls: only the listed modules follow it
+    assert not model.cond_stage_model.transformer.training and not model.model.training
+    assert model.cond_stage_model.adapter.training and model.cond_stage_model.post_block.training
+    model.eval()
+
+
+def test_modules_file_beside_the_embedding_loads_back(both, ckpt):
+    ckdir = os.path.join(both.logdir, "checkpoints")
+    saved = load_file(os.path.join(ckdir, "modules.safetensors"))
+    assert saved and all(k.startswith(("cond_stage_model.adapter.", "cond_stage_model.post_block.")) for k in saved)
+    assert os.path.exists(os.path.join(ckdir, "modules_gs-4.safetensors"))
+    opt = txt2img.get_parser().parse_args(["--config", CONFIG, V1, "--ckpt_path", ckpt, "--device", "cpu",
+                                           "--embedding_path", os.path.join(ckdir, "embeddings.pt")])
+    state = txt2img.load_model(opt).state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+
+
+def test_modules_of_another_model_are_refused(both, tmp_path):
+    bad = tmp_path / "modules.safetensors"
+    save_file({"cond_stage_model.adapter.up.weight": torch.zeros(5, 5)}, str(bad))
+    with pytest.raises(ValueError, match="holds modules of another model"):
+        txt2img.load_modules(both.model, str(bad))
+
+
+def test_adapter_only_keeps_the_vector(images, ckpt, tmp_path):
+    run = _train(images, ckpt, tmp_path, "model.params.train_embedding=false")
+    manager = run.model.embedding_manager
+    initial = load_file(ckpt)["cond_stage_model.transformer.token_emb.weight"][3899]
+    assert torch.equal(manager.string_to_param_dict["*"].detach()[0], initial)
+    assert run.model.cond_stage_model.adapter.up.weight.abs().sum() > 0
+    assert len(run.trainer.optimizers[0].param_groups) == 2
