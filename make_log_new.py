@@ -1,6 +1,7 @@
-"""Callbacks that write what a person looks at during training: image grids and the loss curve."""
+"""Callbacks that write what a person looks at during training: image grids, the loss curve, step times."""
 import logging
 import os
+import time
 
 import numpy as np
 import pytorch_lightning as pl
@@ -80,6 +81,21 @@ class ImageLogger(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.log_img(trainer, pl_module, batch, batch_idx, split="train")
+
+
+class StepTimer(pl.Callback):
+    """Logs `train/step_ms`: wall time of each training step (batch to optimizer step), image logs excluded
+    when this callback comes before the ImageLogger."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        pl_module.log("train/step_ms", (time.perf_counter() - self.start) * 1000, on_step=True, batch_size=1)
 
 
 class LossCurve(pl.Callback):

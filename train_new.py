@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from ldm.util import instantiate_from_config
 from load import load_state_dict_into
-from make_log_new import ImageLogger, LossCurve
+from make_log_new import ImageLogger, LossCurve, StepTimer
 from setup import AtomicModelCheckpoint, EmbeddingCheckpoint, SetupCallback
 
 log = logging.getLogger("train_new")
@@ -152,6 +152,7 @@ def make_callbacks(opt, config, lightning_config, now, logdir):
     ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
     every = OmegaConf.select(lightning_config, "modelcheckpoint.params.every_n_train_steps", default=500)
     callbacks = [
+        StepTimer(),
         SetupCallback(opt.resume, now, logdir, ckptdir, cfgdir, config, lightning_config),
         AtomicModelCheckpoint(dirpath=ckptdir, filename="{epoch:06}-{step:06}", save_last=True,
                               every_n_train_steps=every, save_top_k=0),

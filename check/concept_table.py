@@ -31,16 +31,14 @@ MODEL_DIR = "models/ldm/tiny-shapes"
 FINETUNE = "configs/tiny-shapes/finetune.yaml"
 
 
-def train_embedding(spec, folder, out, weights, logdir, extra):
-    """Run train_new.py's code path for one concept; copy its final embeddings.pt to `out`."""
+def train_concept(spec, weights, logdir, extra=(), overlays=()):
+    """Run train_new.py's code path (default TI settings + `overlays` + key=value `extra`) on dataset/<concept>."""
     import train_new
 
     os.environ.pop("LDM_RUN_STAMP", None)
-    run = train_new.main(["--base", f"{MODEL_DIR}/config.yaml", FINETUNE, "-t", "--actual_resume",
-                          weights, "-n", spec["name"], "--data_root", folder,
-                          "--init_word", spec["init_word"], "--placeholder_string", "*", "-l", logdir, *extra])
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    shutil.copyfile(os.path.join(run.logdir, "checkpoints", "embeddings.pt"), out)
+    return train_new.main(["--base", f"{MODEL_DIR}/config.yaml", FINETUNE, *overlays, "-t", "--actual_resume",
+                           weights, "-n", spec["name"], "--data_root", os.path.join("dataset", spec["name"]),
+                           "--init_word", spec["init_word"], "--placeholder_string", "*", "-l", logdir, *extra])
 
 
 def make_sampler(model, steps, scale, seed, sampler="ddim"):
@@ -79,6 +77,15 @@ def scene_following(generate, n):
     return rows
 
 
+def load_specs(names=None):
+    """The concept.json of every dataset/<concept>/ (or of `names`), sorted by name."""
+    specs = [json.load(open(f)) for f in sorted(glob.glob("dataset/*/concept.json"))]
+    unknown = set(names or ()) - {s["name"] for s in specs}
+    if unknown:
+        raise SystemExit(f"error: no dataset/<concept>/concept.json for {', '.join(sorted(unknown))}")
+    return [s for s in specs if names is None or s["name"] in names]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all in dataset/)")
@@ -98,14 +105,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
 
-    specs = [json.load(open(f)) for f in sorted(glob.glob("dataset/*/concept.json"))]
-    specs = [s for s in specs if args.concepts is None or s["name"] in args.concepts]
+    specs = load_specs(args.concepts)
     for spec in specs:
         out = os.path.join(args.embeddings, f"{spec['name']}.pt")
         if not os.path.exists(out):
             with torch.enable_grad():
-                train_embedding(spec, os.path.join("dataset", spec["name"]), out, args.weights, args.logdir,
-                                args.train_overrides)
+                run = train_concept(spec, args.weights, args.logdir, args.train_overrides)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            shutil.copyfile(os.path.join(run.logdir, "checkpoints", "embeddings.pt"), out)
 
     config = OmegaConf.merge(OmegaConf.load(f"{MODEL_DIR}/config.yaml"), OmegaConf.load(FINETUNE))
     model = load_model_from_config(config, args.weights)

@@ -1,0 +1,151 @@
+"""Config-driven ablations: train every variant on the shipped concepts and tabulate what it gives.
+
+    python check/ablations.py                                    # every configs/ablations/*.yaml, every concept
+    python check/ablations.py --variants baseline v1_both --concepts checker_circle --n 32
+
+A variant file lists config overlays and key=value overrides on top of the default TI settings
+(configs/tiny-shapes/finetune.yaml). For each (variant, concept) one TI run is trained; the table
+reports the final loss (mean of the last 100 steps), concept fidelity and editability (the concept
+evaluator, `*` prompts), the median training step time and the trainable parameter count. Writes
+<out>/ablations.md, ablations.csv and ablations.png (means over the concepts), and prints the table.
+"""
+import argparse
+import csv
+import datetime
+import glob
+import os
+import sys
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from check.concept_eval import evaluate_concept, format_table  # noqa: E402
+from check.concept_table import FINETUNE, MODEL_DIR, load_specs, make_sampler, train_concept  # noqa: E402
+from ldm.util import atomic_path, atomic_write_text  # noqa: E402
+from load import load_model_from_config  # noqa: E402
+from txt2img import load_modules, modules_beside  # noqa: E402
+
+VARIANTS = "configs/ablations"
+
+
+def load_variant(name):
+    """configs/ablations/<name>.yaml -> (overlay config paths, key=value overrides)."""
+    path = os.path.join(VARIANTS, f"{name}.yaml")
+    if not os.path.isfile(path):
+        known = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(f"{VARIANTS}/*.yaml"))
+        raise SystemExit(f"error: no variant '{name}' ({path}); known: {', '.join(known)}")
+    spec = OmegaConf.load(path)
+    return list(spec.get("configs") or []), list(spec.get("overrides") or [])
+
+
+def run_metrics(logdir):
+    """(final loss: mean train/loss of the last 100 logged steps, median train/step_ms after 10 steps)."""
+    path = os.path.join(logdir, "metrics.csv")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} is missing: the run logged no step (lower lightning.trainer.log_every_n_steps)")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    times = [float(r["train/step_ms"]) for r in rows if r.get("train/step_ms") and int(r["step"]) >= 10]
+    return float(np.mean(losses[-100:])), float(np.median(times)) if times else float("nan")
+
+
+def evaluate_run(run, overlays, overrides, weights, spec, args):
+    """Fidelity and editability of the run's `*` on a fresh model built like the run."""
+    config = OmegaConf.merge(*[OmegaConf.load(p) for p in [f"{MODEL_DIR}/config.yaml", FINETUNE, *overlays]],
+                             OmegaConf.from_dotlist(overrides))
+    model = load_model_from_config(config, weights)
+    embedding = os.path.join(run.logdir, "checkpoints", "embeddings.pt")
+    model.embedding_manager.load(embedding)
+    modules = modules_beside(embedding)
+    if modules:
+        load_modules(model, modules)
+    generate = make_sampler(model, args.steps, args.scale, args.seed, args.sampler)
+    return evaluate_concept(generate, spec, n=args.n, baseline=False)["pseudo_word"]
+
+
+def ablation_rows(variants, specs, args):
+    rows = []
+    for name in variants:
+        overlays, overrides = load_variant(name)
+        for spec in specs:
+            with torch.enable_grad():
+                run = train_concept(spec, args.weights, args.logdir, [*overrides, *args.train_overrides], overlays)
+            loss, step_ms = run_metrics(run.logdir)
+            scores = evaluate_run(run, overlays, overrides, args.weights, spec, args)
+            rows.append({"variant": name, "concept": spec["name"], "final loss": loss,
+                         "fidelity": scores["fidelity"], "editability": scores["editability"], "ms/step": step_ms,
+                         "trainable params": sum(p.numel() for p in run.model.trainable_parameters())})
+    return rows
+
+
+def means_by_variant(rows):
+    """One row per variant: the mean of every numeric column over its concepts."""
+    out = []
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == name]
+        out.append({"variant": name, "concepts": len(mine),
+                    **{k: float(np.mean([r[k] for r in mine])) for k in mine[0] if k not in ("variant", "concept")}})
+    return out
+
+
+def plot(summary, path):
+    """Bars of fidelity and editability per variant -> PNG at `path`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(summary))
+    fig, ax = plt.subplots(figsize=(1.2 * len(summary) + 2, 3.5))
+    for k, key in enumerate(("fidelity", "editability")):
+        ax.bar(x + (k - 0.5) * 0.38, [r[key] for r in summary], 0.38, label=key)
+    ax.set_xticks(x, [r["variant"] for r in summary], rotation=20)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(rows, summary, header, out):
+    os.makedirs(out, exist_ok=True)
+    text = "\n\n".join([header, "Means over the concepts:", format_table(summary), "Per concept:", format_table(rows)])
+    atomic_write_text(text + "\n", os.path.join(out, "ablations.md"))
+    with atomic_path(os.path.join(out, "ablations.csv")) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    plot(summary, os.path.join(out, "ablations.png"))
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="*", default=None, help=f"names in {VARIANTS}/ (default: all)")
+    p.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all in dataset/)")
+    p.add_argument("--weights", default=f"{MODEL_DIR}/model.safetensors")
+    p.add_argument("--logdir", default="logs/ablations", help="parent folder of the TI runs")
+    p.add_argument("--out", default="outputs/ablations")
+    p.add_argument("--n", type=int, default=64, help="samples per prompt")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--scale", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("train_overrides", nargs="*", help="key=value overrides for every run")
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    variants = args.variants or sorted(os.path.splitext(os.path.basename(f))[0]
+                                       for f in glob.glob(f"{VARIANTS}/*.yaml"))
+    rows = ablation_rows(variants, load_specs(args.concepts), args)
+    header = (f"Measured {datetime.date.today()}: n={args.n} per prompt, {args.sampler} {args.steps} steps, "
+              f"guidance {args.scale}; TI settings of {FINETUNE} plus each variant.")
+    print(write_outputs(rows, means_by_variant(rows), header, args.out))
+
+
+if __name__ == "__main__":
+    main()
