@@ -138,10 +138,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("train_overrides", nargs="*", help="key=value overrides for every run")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     variants = args.variants or sorted(os.path.splitext(os.path.basename(f))[0]
                                        for f in glob.glob(f"{VARIANTS}/*.yaml"))
-    rows = ablation_rows(variants, load_specs(args.concepts), args)
+    with torch.no_grad():
+        rows = ablation_rows(variants, load_specs(args.concepts), args)
     header = (f"Measured {datetime.date.today()}: n={args.n} per prompt, {args.sampler} {args.steps} steps, "
               f"guidance {args.scale}; TI settings of {FINETUNE} plus each variant.")
     print(write_outputs(rows, means_by_variant(rows), header, args.out))

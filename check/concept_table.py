@@ -2,6 +2,7 @@
 
     python check/concept_table.py                      # train missing embeddings, then score all
     python check/concept_table.py --captions           # also: does the pretrained model follow captions?
+    python check/concept_table.py --captions --concepts   # only that (no concept, no TI)
 
 For each `dataset/<concept>/` a TI embedding is trained with the default settings
 (configs/tiny-shapes/finetune.yaml) unless `<embeddings>/<concept>.pt` exists, then n samples of
@@ -86,24 +87,8 @@ def load_specs(names=None):
     return [s for s in specs if names is None or s["name"] in names]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all in dataset/)")
-    p.add_argument("--embeddings", default="outputs/concept_embeddings", help="folder of <concept>.pt files")
-    p.add_argument("--logdir", default="logs/concepts", help="parent folder of the TI runs")
-    p.add_argument("--weights", default=f"{MODEL_DIR}/model.safetensors",
-                   help="weights of the model (e.g. a pretraining run's last.ckpt) for its config.yaml")
-    p.add_argument("--n", type=int, default=64, help="samples per prompt")
-    p.add_argument("--ddim_steps", type=int, default=50, help="sampling steps (of any --sampler)")
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    p.add_argument("--scale", type=float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--captions", action="store_true",
-                   help="also score caption and scene-word following of the base model")
-    p.add_argument("--out", default=None, help="write the tables (markdown) here too")
-    p.add_argument("train_overrides", nargs="*", help="key=value overrides for the TI runs")
-    args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
+def tables(args):
+    """Train what is missing, then the markdown of every table `args` asks for."""
 
     specs = load_specs(args.concepts)
     for spec in specs:
@@ -136,8 +121,30 @@ def main(argv=None):
             rows.append({"concept": spec["name"], "prompt word": s["word"], "fidelity": s["fidelity"],
                          "editability": s["editability"],
                          **{a: v for a, v in s["per_attribute"].items()}})
-    sections.append("Textual inversion (`*`) vs the init-word baseline:\n\n" + format_table(rows))
-    text = "\n\n".join(sections)
+    if rows:
+        sections.append("Textual inversion (`*`) vs the init-word baseline:\n\n" + format_table(rows))
+    return "\n\n".join(sections)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all in dataset/)")
+    p.add_argument("--embeddings", default="outputs/concept_embeddings", help="folder of <concept>.pt files")
+    p.add_argument("--logdir", default="logs/concepts", help="parent folder of the TI runs")
+    p.add_argument("--weights", default=f"{MODEL_DIR}/model.safetensors",
+                   help="weights of the model (e.g. a pretraining run's last.ckpt) for its config.yaml")
+    p.add_argument("--n", type=int, default=64, help="samples per prompt")
+    p.add_argument("--ddim_steps", type=int, default=50, help="sampling steps (of any --sampler)")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    p.add_argument("--scale", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--captions", action="store_true",
+                   help="also score caption and scene-word following of the base model")
+    p.add_argument("--out", default=None, help="write the tables (markdown) here too")
+    p.add_argument("train_overrides", nargs="*", help="key=value overrides for the TI runs")
+    args = p.parse_args(argv)
+    with torch.no_grad():
+        text = tables(args)
     print(text)
     if args.out:
         from ldm.util import atomic_write_text
