@@ -71,3 +71,30 @@ def tiny_bert(fixture_dir):
     bert = BERTEmbedder(n_embed=32, n_layer=2)
     bert.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
     return bert.freeze()
+
+
+@pytest.fixture(scope="module")
+def tiny_concept(tmp_path_factory):
+    """A folder of two 16x16 images: a red square on a grey or black ground."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("concept")
+    for i in range(2):
+        arr = np.full((16, 16, 3), 30 + 60 * i, np.uint8)
+        arr[3:13, 3:13] = (220, 40, 40)
+        Image.fromarray(arr).save(folder / f"img{i}.png")
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def train_tiny(ckpt):
+    """train_tiny(images, logdir, *extra, overlays=()) -> train_new.Run: TI on the reference tiny LDM."""
+    import train_new
+
+    def train(images, logdir, *extra, overlays=()):
+        os.environ.pop("LDM_RUN_STAMP", None)
+        return train_new.main(["--base", "configs/tiny/txt2img-tiny-finetune.yaml", "-t", "--actual_resume", ckpt,
+                               "-n", "tiny", "--data_root", images, "--init_word", "dog",
+                               "--placeholder_string", "*", "-l", str(logdir), *extra], overlays=overlays)
+    return train

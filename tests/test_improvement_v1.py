@@ -1,35 +1,15 @@
 """Improvement v1: starts bit-identical to the base conditioner; trains what the config says; saves and loads."""
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import train_new
 import txt2img
 from improvement.v1.post_BERT import PostBERTEmbedder
 from train_new_v1 import V1
 
 CONFIG = "configs/tiny/txt2img-tiny-finetune.yaml"
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("concept")
-    for i in range(2):
-        arr = np.full((16, 16, 3), 30 + 60 * i, np.uint8)
-        arr[3:13, 3:13] = (220, 40, 40)
-        Image.fromarray(arr).save(folder / f"img{i}.png")
-    return str(folder)
-
-
-def _train(images, ckpt, logdir, *extra):
-    os.environ.pop("LDM_RUN_STAMP", None)
-    return train_new.main(["--base", CONFIG, "-t", "--actual_resume", ckpt, "-n", "v1", "--data_root", images,
-                           "--init_word", "dog", "--placeholder_string", "*", "-l", str(logdir),
-                           "lightning.trainer.max_steps=4", *extra], overlays=(V1,))
 
 
 def test_v1_starts_bit_identical_to_bert(tiny_bert):
@@ -42,8 +22,8 @@ def test_v1_starts_bit_identical_to_bert(tiny_bert):
 
 
 @pytest.fixture(scope="module")
-def both(images, ckpt, tmp_path_factory):
-    return _train(images, ckpt, tmp_path_factory.mktemp("logs"))
+def both(train_tiny, tiny_concept, tmp_path_factory):
+    return train_tiny(tiny_concept, tmp_path_factory.mktemp("logs"), "lightning.trainer.max_steps=4", overlays=(V1,))
 
 
 def test_embedding_and_modules_train_the_rest_stays(both, ckpt):
@@ -80,8 +60,9 @@ def test_modules_of_another_model_are_refused(both, tmp_path):
         txt2img.load_modules(both.model, str(bad))
 
 
-def test_adapter_only_keeps_the_vector(images, ckpt, tmp_path):
-    run = _train(images, ckpt, tmp_path, "model.params.train_embedding=false")
+def test_adapter_only_keeps_the_vector(train_tiny, tiny_concept, ckpt, tmp_path):
+    run = train_tiny(tiny_concept, tmp_path, "lightning.trainer.max_steps=4", "model.params.train_embedding=false",
+                     overlays=(V1,))
     manager = run.model.embedding_manager
     initial = load_file(ckpt)["cond_stage_model.transformer.token_emb.weight"][3899]
     assert torch.equal(manager.string_to_param_dict["*"].detach()[0], initial)

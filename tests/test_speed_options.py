@@ -1,38 +1,15 @@
 """Precision and gradient-checkpointing options: they take effect, and they leave the results alone."""
-import os
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-import train_new
 from ldm.modules import x_transformer
 from ldm.modules.encoders.modules import BERTEmbedder
 
-CONFIG = "configs/tiny/txt2img-tiny-finetune.yaml"
 
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("concept")
-    for i in range(2):
-        arr = np.full((16, 16, 3), 40 * i, np.uint8)
-        arr[4:12, 4:12] = 200
-        Image.fromarray(arr).save(folder / f"img{i}.png")
-    return str(folder)
-
-
-def _train(images, ckpt, logdir, *extra):
-    os.environ.pop("LDM_RUN_STAMP", None)
-    return train_new.main(["--base", CONFIG, "-t", "--actual_resume", ckpt, "-n", "speed", "--data_root", images,
-                           "--init_word", "dog", "--placeholder_string", "*", "-l", str(logdir),
-                           "lightning.trainer.max_steps=3", *extra])
-
-
-def test_bf16_mixed_on_cpu_trains_a_float32_embedding(images, ckpt, tmp_path):
-    run = _train(images, ckpt, tmp_path, "--precision", "bf16-mixed", "--grad_checkpoint", "true")
+def test_bf16_mixed_on_cpu_trains_a_float32_embedding(train_tiny, tiny_concept, ckpt, tmp_path):
+    run = train_tiny(tiny_concept, tmp_path, "lightning.trainer.max_steps=3", "--precision", "bf16-mixed",
+                     "--grad_checkpoint", "true")
     assert run.trainer.precision == "bf16-mixed"
     model = run.model
     vector = model.embedding_manager.string_to_param_dict["*"]
@@ -45,9 +22,9 @@ def test_bf16_mixed_on_cpu_trains_a_float32_embedding(images, ckpt, tmp_path):
     assert model.cond_stage_model.transformer.attn_layers.use_checkpoint
 
 
-def test_fp16_on_cpu_is_refused_in_one_line(images, ckpt, tmp_path, capsys):
+def test_fp16_on_cpu_is_refused_in_one_line(train_tiny, tiny_concept, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        _train(images, ckpt, tmp_path, "--precision", "16-mixed")
+        train_tiny(tiny_concept, tmp_path, "lightning.trainer.max_steps=3", "--precision", "16-mixed")
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: precision 16-mixed needs a GPU (--gpus 0,): use bf16-mixed or 32 on the CPU"
 
