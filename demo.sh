@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash install.sh
 export HF_HUB_OFFLINE=1
-CONCEPT=${CONCEPT:-checker_circle}
-INIT_WORD=${INIT_WORD:-circle}
+CONCEPT=${CONCEPT:-solid_square}
+INIT_WORD=${INIT_WORD:-square}
 .venv/bin/python train_new.py --base models/ldm/tiny-shapes/config.yaml configs/tiny-shapes/finetune.yaml -t \
     --actual_resume models/ldm/tiny-shapes/model.safetensors -n demo --data_root "dataset/$CONCEPT" \
     --init_word "$INIT_WORD" --placeholder_string '*' -l logs/demo

@@ -1,7 +1,7 @@
 """Textual inversion with improvement v1 (adapter + transformer after BERT): train_new.py plus configs/improvement/v1.yaml.
 
     python train_new_v1.py -t --actual_resume models/ldm/tiny-shapes/model.safetensors -n NAME \
-        --data_root dataset/checker_circle --init_word circle --placeholder_string '*'
+        --data_root dataset/solid_square --init_word square --placeholder_string '*'
 
 Without --base it runs on the shipped tiny model (config.yaml + configs/tiny-shapes/finetune.yaml).
 """

@@ -75,17 +75,40 @@ def rss_mib():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
+def _vm_hwm_mib():
+    """The process's resident-set high-water mark (VmHWM), MiB."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def reset_peak_rss():
+    """Resets VmHWM to the current RSS (Linux: 5 > /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """RSS high-water mark since the last reset_peak_rss() (or since the start where that failed)."""
+    try:
+        return _vm_hwm_mib()
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_memory(device, run):
-    """Peak memory above the level before `run()`: CUDA allocator peak, or the process's RSS high-water mark."""
+    """Peak memory above the level before `run()`: CUDA allocator peak, or the process's RSS high-water
+    mark, reset just before `run()` so that warm-up and cache filling do not count."""
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         run()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     base = rss_mib()
+    reset_peak_rss()
     run()
     return max(0.0, peak_rss_mib() - base)

@@ -7,7 +7,8 @@
 Ours: first-stage posteriors cached, SDPA attention, the config's checkpointing and precision.
 Original: every image re-encoded by the first stage at every step, einsum/softmax attention in fp32,
 no checkpointing. Both freeze the same weights (requires_grad=False) and see the same batches.
-Peak memory is measured in a child process per variant (the RSS high-water mark cannot be reset).
+Peak memory is measured in a child process per variant, above the RSS after warm-up (the high-water mark
+is reset there, so filling the latent cache does not count).
 """
 import argparse
 import json

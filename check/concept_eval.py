@@ -46,29 +46,35 @@ def edit_success(images, spec, edit):
     return _share_matching(_read_all(images), expected)
 
 
-def _evaluate_word(generate, spec, word, n):
+def _evaluate_word(generate, spec, word, n, image_score=None):
     """Scores of the prompts with `*` replaced by word; generate(prompt, n) -> list of (H, W, 3) uint8."""
     images = generate(FIDELITY_PROMPT.replace(PLACEHOLDER, word), n)
     edits = {e["prompt"]: edit_success(generate(e["prompt"].replace(PLACEHOLDER, word), n), spec, e)
              for e in spec["edits"]}
-    return {
+    scores = {
         "word": word,
         "fidelity": concept_fidelity(images, spec),
         "editability": float(np.mean(list(edits.values()))) if edits else float("nan"),
         "per_attribute": per_attribute_match(images, spec),
         "edits": edits,
     }
+    if image_score is not None:
+        scores["image_similarity"] = image_score(images)
+    return scores
 
 
-def evaluate_concept(generate, spec, n=64, baseline=True):
+def evaluate_concept(generate, spec, n=64, baseline=True, image_score=None):
     """{"concept": name, "pseudo_word": scores, "init_word": scores (with baseline)}.
 
     scores = {word, fidelity, editability (mean over edits), per_attribute, edits {prompt: share}};
-    generate(prompt: str, n: int) -> list of (H, W, 3) uint8 is the caller's sampler.
+    generate(prompt: str, n: int) -> list of (H, W, 3) uint8 is the caller's sampler. With
+    image_score(images) -> float (e.g. CLIP similarity to the concept's images), scores also hold
+    "image_similarity" of the "a photo of a *" samples.
     """
-    result = {"concept": spec["name"], "pseudo_word": _evaluate_word(generate, spec, PLACEHOLDER, n)}
+    result = {"concept": spec["name"],
+              "pseudo_word": _evaluate_word(generate, spec, PLACEHOLDER, n, image_score)}
     if baseline:
-        result["init_word"] = _evaluate_word(generate, spec, spec["init_word"], n)
+        result["init_word"] = _evaluate_word(generate, spec, spec["init_word"], n, image_score)
     return result
 
 

@@ -11,6 +11,7 @@ init-word baseline. Prints a markdown table; `--out` also writes it to a file.
 """
 import argparse
 import datetime
+import functools
 import glob
 import json
 import os
@@ -22,7 +23,9 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from check.clip_similarity import ClipImageSimilarity  # noqa: E402
 from check.concept_eval import evaluate_concept, format_table  # noqa: E402
+from ldm.data.images import list_images, load_rgb  # noqa: E402
 from ldm.data.shapes_palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES  # noqa: E402
 from ldm.data.shapes_readers import read_attributes  # noqa: E402
 from ldm.models.diffusion.sampling import SAMPLERS, sample_latents  # noqa: E402
@@ -112,15 +115,21 @@ def tables(args):
         sections.append("Caption following of the pretrained model:\n\n" + format_table(rows))
         sections.append("Scene words leaning their unnamed attribute (chance: 1/3 pattern and outline, "
                         "1/4 background):\n\n" + format_table(scenes))
+    clip = ClipImageSimilarity(args.clip) if args.clip else None
     rows = []
     for spec in specs:
         model.embedding_manager.load(os.path.join(args.embeddings, f"{spec['name']}.pt"))
-        result = evaluate_concept(generate, spec, n=args.n)
+        image_score = None
+        if clip is not None:
+            references = [load_rgb(p) for p in list_images(os.path.join("dataset", spec["name"]))]
+            image_score = functools.partial(clip, references=references)
+        result = evaluate_concept(generate, spec, n=args.n, image_score=image_score)
         for key in ("pseudo_word", "init_word"):
             s = result[key]
             rows.append({"concept": spec["name"], "prompt word": s["word"], "fidelity": s["fidelity"],
                          "editability": s["editability"],
-                         **{a: v for a, v in s["per_attribute"].items()}})
+                         **{a: v for a, v in s["per_attribute"].items()},
+                         **({"CLIP image sim": s["image_similarity"]} if clip is not None else {})})
     if rows:
         sections.append("Textual inversion (`*`) vs the init-word baseline:\n\n" + format_table(rows))
     return "\n\n".join(sections)
@@ -140,6 +149,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--captions", action="store_true",
                    help="also score caption and scene-word following of the base model")
+    p.add_argument("--clip", default=None, metavar="DIR",
+                   help="local CLIP model folder: adds the paper's image-image similarity (skipped without it)")
     p.add_argument("--out", default=None, help="write the tables (markdown) here too")
     p.add_argument("train_overrides", nargs="*", help="key=value overrides for the TI runs")
     args = p.parse_args(argv)

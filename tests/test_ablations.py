@@ -9,7 +9,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_every_variant_file_parses():
     names = sorted(f[:-5] for f in os.listdir(os.path.join(REPO, ablations.VARIANTS)) if f.endswith(".yaml"))
-    assert {"baseline", "v1_both", "v1_adapter_only", "output_injection", "vectors4", "regulariser"} <= set(names)
+    assert {"baseline", "v1_both", "v1_adapter_only", "output_injection", "vectors1", "regulariser",
+            "imagenet_templates", "original_schedule"} <= set(names)
     for name in names:
         overlays, overrides = ablations.load_variant(name)
         assert all(os.path.isfile(os.path.join(REPO, p)) for p in overlays)
@@ -26,7 +27,7 @@ def test_ablations_end_to_end(tmp_path, monkeypatch, capsys):
         rows = list(csv.DictReader(f))
     assert [r["variant"] for r in rows] == ["baseline", "v1_adapter_only"]
     baseline, adapter = rows
-    assert int(baseline["trainable params"]) == 64  # one 64-d vector
+    assert int(baseline["trainable params"]) == 4 * 64  # four 64-d vectors
     assert int(adapter["trainable params"]) > 1000  # adapter + block, vector frozen
     assert all(float(r["ms/step"]) > 0 and 0 <= float(r["fidelity"]) <= 1 for r in rows)
     assert (out / "ablations.png").stat().st_size > 0

@@ -47,6 +47,19 @@ def test_caption_options(folder):
     assert [mixed[i]["caption"].endswith(f"* with {PER_IMAGE_TOKENS[i]}") for i in range(2)] == [True, True]
 
 
+def test_templates_option(folder):
+    from ldm.data.shapes_palette import TEMPLATES
+
+    named = PersonalizedBase(str(folder), templates="ldm.data.shapes_palette.TEMPLATES")
+    assert named.templates == TEMPLATES and type(PersonalizedBase(str(folder)).templates) is tuple
+    assert all(named[i]["caption"].replace("*", "{}") in TEMPLATES for i in range(20))
+    listed = PersonalizedBase(str(folder), templates=["a render of {}"], placeholder_token="S*")
+    assert listed[1]["caption"] == "a render of S*" and PersonalizedBase.templates == IMAGENET_TEMPLATES_SMALL
+    for bad in ([], ["no slot"], ["{} and {}"]):
+        with pytest.raises(ValueError, match="exactly one"):
+            PersonalizedBase(str(folder), templates=bad)
+
+
 def test_flip(folder):
     plain = PersonalizedBase(str(folder), flip_p=0.0)[0]["image"]
     flipped = PersonalizedBase(str(folder), flip_p=1.0)[0]["image"]

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ldm.data.shapes_concepts import CONCEPT_ATTRIBUTES, CONCEPT_TUPLES, CONCEPTS, concept_key
-from ldm.data.shapes_palette import NAMED, SCENE_PHRASE, SCENES, TEMPLATES, UNNAMED, VALUES
+from ldm.data.shapes_palette import ATTRIBUTES, NAMED, SCENE_PHRASE, SCENES, TEMPLATES, UNNAMED, VALUES
 from ldm.data.shapes_readers import read_attributes
 from ldm.data.shapes_world import ShapesWorld, caption, render, sample_attributes, write_concept_dataset
 
@@ -94,15 +94,17 @@ def test_named_words_are_single_bert_tokens():
         assert tokenizer.tokenize(word) == [word]
 
 
-def test_concepts_are_valid_and_leave_colour_free():
+def test_concepts_are_valid_and_edits_name_another_colour():
     assert len(CONCEPTS) >= 4 and len(CONCEPT_TUPLES) == len(CONCEPTS)
     for concept in CONCEPTS:
         attrs = concept["attributes"]
-        assert tuple(attrs) == CONCEPT_ATTRIBUTES and all(attrs[a] in VALUES[a] for a in attrs)
+        assert set(attrs) == set(ATTRIBUTES) and all(attrs[a] in VALUES[a] for a in attrs)
+        assert concept_key(attrs) in CONCEPT_TUPLES and tuple(CONCEPT_ATTRIBUTES) == ("shape",) + UNNAMED
         assert concept["init_word"] == attrs["shape"]
         for edit in concept["edits"]:
             assert "*" in edit["prompt"] and edit["value"] in edit["prompt"].split()
             assert edit["attribute"] == "colour" and edit["value"] in VALUES["colour"]
+            assert edit["value"] != attrs["colour"]
 
 
 def test_write_concept_dataset(tmp_path):
@@ -111,9 +113,8 @@ def test_write_concept_dataset(tmp_path):
     assert pngs == ["00.png", "01.png", "02.png"]
     images = [np.asarray(Image.open(tmp_path / p)) for p in pngs]
     assert images[0].shape == (32, 32, 3)
-    colours = {read_attributes(img)["colour"] for img in images}
-    assert len(colours) == 3  # the colour varies, the concept stays
-    assert all(concept_key(read_attributes(img)) == concept_key(CONCEPTS[1]["attributes"]) for img in images)
+    assert all(read_attributes(img) == CONCEPTS[1]["attributes"] for img in images)
+    assert len({img.tobytes() for img in images}) == 3  # size and position vary
     with open(tmp_path / "concept.json") as f:
         assert json.load(f) == CONCEPTS[1]
 

@@ -4,6 +4,7 @@ import random
 from torch.utils.data import Dataset
 
 from ldm.data.images import center_crop, list_images, load_rgb, resampling_filter, resize_square, to_model_range
+from ldm.util import get_obj_from_str
 
 # Rare characters that are single tokens in both the BERT and CLIP vocabularies; with per_image_tokens
 # image i also gets its own placeholder PER_IMAGE_TOKENS[i] (the reference's per-image list).
@@ -59,12 +60,26 @@ IMAGENET_DUAL_TEMPLATES_SMALL = tuple(t + " with {}" for t in _PHOTO_TEMPLATES)
 SPLITS = ("train", "val", "test")
 
 
+def _caption_templates(templates):
+    """A list of "{}" templates, or the dotted name of one -> tuple of templates, each checked."""
+    if isinstance(templates, str):
+        templates = get_obj_from_str(templates)
+    templates = tuple(templates)
+    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+    if not templates or bad:
+        raise ValueError(f"caption templates need exactly one '{{}}' each (got {bad[:2] or 'none'}): "
+                         "e.g. templates: ['a photo of a {}']")
+    return templates
+
+
 class PersonalizedBase(Dataset):
     """Items `{"image": (H, W, 3) float32 in [-1, 1], "caption": str}` from the images in `data_root`.
 
     Length is n_images * repeats for set="train", n_images otherwise. With per_image_tokens, a
     caption names image i's own token with probability mixing_prob; coarse_class_text is put
-    before the placeholder ("dog *").
+    before the placeholder ("dog *"). `templates` replaces the class's caption templates: a list of
+    strings with one "{}", or the dotted name of such a tuple (a world whose text encoder never
+    saw the ImageNet templates' words uses its own, e.g. ldm.data.shapes_palette.TEMPLATES).
     """
 
     templates = IMAGENET_TEMPLATES_SMALL
@@ -72,7 +87,7 @@ class PersonalizedBase(Dataset):
 
     def __init__(self, data_root, size=None, repeats=100, interpolation="bicubic", flip_p=0.5, set="train",
                  placeholder_token="*", per_image_tokens=False, center_crop=False, mixing_prob=0.25,
-                 coarse_class_text=None):
+                 coarse_class_text=None, templates=None):
         if set not in SPLITS:
             raise ValueError(f"unknown set '{set}': use one of {', '.join(SPLITS)}")
         self.image_paths = list_images(data_root)
@@ -91,6 +106,8 @@ class PersonalizedBase(Dataset):
         self.center_crop = center_crop
         self.mixing_prob = mixing_prob
         self.coarse_class_text = coarse_class_text
+        if templates is not None:
+            self.templates = _caption_templates(templates)
 
     def __len__(self):
         return self._length

@@ -1,9 +1,12 @@
-"""Held-out concepts of the shapes world: a shape with its own pattern, background and outline.
+"""Held-out concepts of the shapes world: a coloured shape with its own pattern, background and outline.
 
 No pretraining image shows a concept's (shape, pattern, background, outline) in any colour, and no
 caption leans more than one unnamed attribute, so the pseudo-word `*` has to find the combination.
-The colour is free (the concept images vary it); the init word is the shape name (the coarse
-class word of the original method) and the edits name a colour, expecting the rest to stay.
+A concept has one colour, as the objects of the original method look alike in every image (a
+colour that varied across the images would be most of what the embedding tries to fit: the
+denoising loss of "a photo of a circle" on such images is twice that of "a photo of a red circle").
+The init word is the shape name (the coarse class word of the original method); the edits name
+another colour and expect the rest of the concept to stay.
 """
 from ldm.data.shapes_palette import UNNAMED
 
@@ -11,7 +14,7 @@ CONCEPT_ATTRIBUTES = ("shape",) + UNNAMED
 
 
 def concept_key(attrs):
-    """The tuple of `attrs` that identifies a concept: (shape, pattern, background, outline)."""
+    """The tuple of `attrs` that identifies a concept in every colour: (shape, pattern, background, outline)."""
     return tuple(attrs[a] for a in CONCEPT_ATTRIBUTES)
 
 
@@ -22,17 +25,17 @@ def _concept(name, edit_colours, **attributes):
 
 CONCEPTS = [
     _concept("checker_circle", ("blue", "yellow"),
-             shape="circle", pattern="checker", background="slate", outline="black"),
+             shape="circle", colour="red", pattern="checker", background="slate", outline="black"),
     _concept("striped_triangle", ("red", "green"),
-             shape="triangle", pattern="stripes", background="lilac", outline="white"),
+             shape="triangle", colour="orange", pattern="stripes", background="lilac", outline="white"),
     _concept("solid_square", ("orange", "purple"),
-             shape="square", pattern="solid", background="mint", outline="black"),
+             shape="square", colour="blue", pattern="solid", background="mint", outline="black"),
     _concept("checker_cross", ("blue", "red"),
-             shape="cross", pattern="checker", background="sand", outline="white"),
+             shape="cross", colour="green", pattern="checker", background="sand", outline="white"),
     _concept("striped_square", ("green", "orange"),
-             shape="square", pattern="stripes", background="slate", outline="none"),
+             shape="square", colour="purple", pattern="stripes", background="slate", outline="none"),
     _concept("solid_circle", ("purple", "green"),
-             shape="circle", pattern="solid", background="sand", outline="none"),
+             shape="circle", colour="red", pattern="solid", background="sand", outline="none"),
 ]
 
 CONCEPT_TUPLES = frozenset(concept_key(c["attributes"]) for c in CONCEPTS)

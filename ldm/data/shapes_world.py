@@ -85,14 +85,11 @@ class ShapesWorld(Dataset):
 def write_concept_dataset(concept, folder, n_images=5, seed=0):
     """Write n_images renders of `concept` as NN.png plus concept.json into `folder`.
 
-    Size and position vary, and so does the colour (no two images alike while colours last):
-    the concept is its shape and unnamed values, and the edits name its colour.
+    Every attribute is the concept's; size and position vary from image to image.
     """
     os.makedirs(folder, exist_ok=True)
-    colours = np.random.default_rng([seed, n_images]).permutation(VALUES["colour"])
     for k in range(n_images):
-        attrs = {**concept["attributes"], "colour": str(colours[k % len(colours)])}
-        image = render(attrs, np.random.default_rng([seed, k]))
+        image = render(concept["attributes"], np.random.default_rng([seed, k]))
         Image.fromarray(image).save(os.path.join(folder, f"{k:02d}.png"))
     with open(os.path.join(folder, "concept.json"), "w") as f:
         json.dump(concept, f, indent=2)
