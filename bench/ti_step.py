@@ -92,7 +92,10 @@ def measure_memory(args, which):
            "--precision", args.precision, "--warmup", str(args.warmup), "--config", *args.config]
     cmd += ["--ckpt", args.ckpt] if args.ckpt else ["--ckpt", ""]
     cmd += ["--size", str(args.size)] if args.size else []
-    out = subprocess.run(cmd + list(args.overrides), capture_output=True, text=True, check=True)
+    # glibc keeps freed small blocks in its heap, so the RSS after warm-up would already hold the step's
+    # peak: in the child, blocks of 8 KiB and more are mapped and returned to the system when freed.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "8192", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = subprocess.run(cmd + list(args.overrides), capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
