@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ldm.models.autoencoder import AutoencoderKL, VQModel
-from ldm.models.diffusion.sampling import ddim_schedule, sample_ddim, sample_dpmpp_2m, sample_plms
+from ldm.models.diffusion.sampling import ddim_schedule, ddim_timesteps, sample_ddim, sample_dpmpp_2m, sample_plms
 from ldm.models.diffusion.schedule import make_beta_schedule, schedule_tensors
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -61,3 +61,12 @@ def test_samplers_are_deterministic():
         g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
         s = ddim_schedule(ac, 7, eta=1.0)
         assert torch.equal(sample_ddim(eps_fn, x_T, s, generator=g()), sample_ddim(eps_fn, x_T, s, generator=g()))
+
+
+def test_ddim_timesteps_follow_the_reference_and_stay_in_range():
+    assert ddim_timesteps(1000, 50).tolist() == list(range(1, 1000, 20))
+    assert ddim_timesteps(1000, 3).tolist() == [1, 334, 667]  # the reference's list also holds 1000
+    assert len(ddim_timesteps(1000, 30)) == 31  # 1000 // 30 = 33 does not divide 1000: as the reference
+    for steps in (1, 3, 7, 30, 999, 1000):
+        ts = ddim_timesteps(1000, steps)
+        assert 0 < ts.min() and ts.max() < 1000 and (ts.diff() > 0).all()

@@ -10,10 +10,15 @@ import torch
 
 
 def ddim_timesteps(num_train_steps, steps):
-    """Uniform DDIM discretisation of the reference: range(0, T, T // S) + 1 (ascending, int64)."""
+    """Uniform DDIM discretisation of the reference: range(0, T, T // S) + 1 (ascending, int64).
+
+    Where T // S does not divide T the reference's list can end at T, one past the schedule (S = 3:
+    1, 334, 667, 1000), and indexing fails; that entry is dropped.
+    """
     if not 0 < steps <= num_train_steps:
         raise ValueError(f"number of sampling steps must be in 1..{num_train_steps}, got {steps}")
-    return torch.from_numpy(np.asarray(list(range(0, num_train_steps, num_train_steps // steps))) + 1).long()
+    ts = np.arange(0, num_train_steps, num_train_steps // steps) + 1
+    return torch.from_numpy(ts[ts < num_train_steps]).long()
 
 
 def ddim_schedule(alphas_cumprod, steps, eta=0.0):
