@@ -54,7 +54,8 @@ def verdict(ids, unk_id):
         return "has [UNK]: not in the vocabulary, pick another word"
     if len(ids) == 1:
         return "a single token: usable as initializer word or placeholder"
-    return f"{len(ids)} tokens: not usable, pick a single-token word"
+    return (f"{len(ids)} tokens: usable as initializer word (pieces averaged with init_mode: mean, one per "
+            "vector with init_mode: pieces); as a placeholder it is registered as a new token")
 
 
 def main(argv=None):

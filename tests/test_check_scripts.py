@@ -12,7 +12,7 @@ from ldm.modules.encoders.modules import BERTEmbedder
 
 @pytest.mark.parametrize("word, expected", [
     ("dog", "['dog'] ids [3899] (a single token"),
-    ("teddybear", "['teddy', '##be', '##ar'] ids [11389, 4783, 2906] (3 tokens"),
+    ("teddybear", "['teddy', '##be', '##ar'] ids [11389, 4783, 2906] (3 tokens: usable as initializer word"),
     ("\U0001F642", "has [UNK]"),
 ])
 def test_init_word_tokenization(capsys, word, expected):
