@@ -83,13 +83,13 @@ def _vm_hwm_mib():
 
 
 def reset_peak_rss():
-    """Resets VmHWM to the current RSS (Linux: 5 > /proc/self/clear_refs); False where that is not possible."""
+    """Resets VmHWM to the current RSS (Linux: 5 > /proc/self/clear_refs); where that is not possible
+    the high-water mark stays the process's lifetime peak."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return True
     except OSError:
-        return False
+        pass
 
 
 def peak_rss_mib():

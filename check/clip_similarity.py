@@ -15,7 +15,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ClipImageSimilarity:
-    """score(samples, references) -> mean cosine over all (sample, reference) pairs, in [-1, 1]."""
+    """score(samples, references) -> mean cosine over all (sample, reference) pairs, in [-1, 1];
+    against(references) -> score(samples), the references embedded once."""
 
     def __init__(self, path):
         from transformers import CLIPVisionModelWithProjection
@@ -38,5 +39,9 @@ class ClipImageSimilarity:
         """-> (N, D) unit-norm image embeddings."""
         return F.normalize(self.model(pixel_values=self.preprocess(images)).image_embeds, dim=-1)
 
+    def against(self, references):
+        refs = self.embed(references)
+        return lambda samples: float((self.embed(samples) @ refs.T).mean())
+
     def __call__(self, samples, references):
-        return float((self.embed(samples) @ self.embed(references).T).mean())
+        return self.against(references)(samples)

@@ -11,7 +11,6 @@ init-word baseline. Prints a markdown table; `--out` also writes it to a file.
 """
 import argparse
 import datetime
-import functools
 import glob
 import json
 import os
@@ -122,7 +121,7 @@ def tables(args):
         image_score = None
         if clip is not None:
             references = [load_rgb(p) for p in list_images(os.path.join("dataset", spec["name"]))]
-            image_score = functools.partial(clip, references=references)
+            image_score = clip.against(references)
         result = evaluate_concept(generate, spec, n=args.n, image_score=image_score)
         for key in ("pseudo_word", "init_word"):
             s = result[key]
