@@ -3,11 +3,14 @@
     python check/concept_table.py                      # train missing embeddings, then score all
     python check/concept_table.py --captions           # also: does the pretrained model follow captions?
     python check/concept_table.py --captions --concepts   # only that (no concept, no TI)
+    python check/concept_table.py --korean             # the same embeddings, prompted in Korean through v2
 
 For each `dataset/<concept>/` a TI embedding is trained with the default settings
 (configs/tiny-shapes/finetune.yaml) unless `<embeddings>/<concept>.pt` exists, then n samples of
 "a photo of a *" and of each edit prompt are read analytically (check/concept_eval.py), beside the
-init-word baseline. Prints a markdown table; `--out` also writes it to a file.
+init-word baseline. Prints a markdown table; `--out` also writes it to a file. With `--korean` every
+prompt is translated (improvement/v2/corpus.py) and conditions the model through the v2 conditioner
+(configs/improvement/v2.yaml); the embeddings are the same English-trained files.
 """
 import argparse
 import datetime
@@ -32,6 +35,7 @@ from load import load_model_from_config  # noqa: E402
 
 MODEL_DIR = "models/ldm/tiny-shapes"
 FINETUNE = "configs/tiny-shapes/finetune.yaml"
+V2 = "configs/improvement/v2.yaml"
 
 
 def train_concept(spec, weights, logdir, extra=(), overlays=()):
@@ -53,6 +57,15 @@ def make_sampler(model, steps, scale, seed, sampler="ddim"):
         x = model.decode_first_stage(z).clamp(-1, 1)
         return list(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     return generate
+
+
+def in_korean(generate):
+    """generate(prompt, n) that samples the Korean translation of each of the world's English prompts."""
+    from improvement.v2.corpus import translate_prompt
+
+    def korean(prompt, n):
+        return generate(translate_prompt(prompt), n)
+    return korean
 
 
 def caption_following(generate, n):
@@ -101,11 +114,14 @@ def tables(args):
             os.makedirs(os.path.dirname(out), exist_ok=True)
             shutil.copyfile(os.path.join(run.logdir, "checkpoints", "embeddings.pt"), out)
 
-    config = OmegaConf.merge(OmegaConf.load(f"{MODEL_DIR}/config.yaml"), OmegaConf.load(FINETUNE))
-    model = load_model_from_config(config, args.weights)
+    configs = [f"{MODEL_DIR}/config.yaml", FINETUNE] + ([V2] if args.korean else [])
+    model = load_model_from_config(OmegaConf.merge(*map(OmegaConf.load, configs)), args.weights)
     generate = make_sampler(model, args.ddim_steps, args.scale, args.seed, args.sampler)
+    if args.korean:
+        generate = in_korean(generate)
+    language = ", Korean prompts through improvement v2" if args.korean else ""
     sections = [f"Measured {datetime.date.today()}: n={args.n} per prompt, {args.sampler} {args.ddim_steps} steps, "
-                f"guidance {args.scale}."]
+                f"guidance {args.scale}{language}."]
     if args.captions:
         manager, model.embedding_manager = model.embedding_manager, None
         rows = caption_following(generate, args.n)
@@ -150,6 +166,8 @@ def main(argv=None):
                    help="also score caption and scene-word following of the base model")
     p.add_argument("--clip", default=None, metavar="DIR",
                    help="local CLIP model folder: adds the paper's image-image similarity (skipped without it)")
+    p.add_argument("--korean", action="store_true",
+                   help="prompt in Korean through the v2 conditioner (configs/improvement/v2.yaml)")
     p.add_argument("--out", default=None, help="write the tables (markdown) here too")
     p.add_argument("train_overrides", nargs="*", help="key=value overrides for the TI runs")
     args = p.parse_args(argv)

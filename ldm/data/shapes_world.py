@@ -32,17 +32,29 @@ def _home_or_other(rng, values, home, p_home):
     return _choice(rng, [v for v in values if v != home])
 
 
-def sample_attributes(rng, held_out=CONCEPT_TUPLES, p_scene=0.8, p_home=0.95):
+def _draw_scene(rng, scene_weights):
+    """A scene word, uniform or in proportion to scene_weights {scene: weight} (missing scenes weigh 1)."""
+    scenes = tuple(SCENES)
+    if not scene_weights:
+        return _choice(rng, scenes)
+    unknown = set(scene_weights) - set(scenes)
+    if unknown:
+        raise ValueError(f"unknown scene word(s) {', '.join(sorted(unknown))} in scene_weights: use {', '.join(scenes)}")
+    weights = np.array([float(scene_weights.get(s, 1.0)) for s in scenes])
+    return scenes[rng.choice(len(scenes), p=weights / weights.sum())]
+
+
+def sample_attributes(rng, held_out=CONCEPT_TUPLES, p_scene=0.8, p_home=0.95, scene_weights=None):
     """One pretraining draw -> (attrs {shape, colour, pattern, background, outline}, scene word or None).
 
-    Every value is uniform, except that with probability p_scene a scene word is drawn and the one
-    unnamed attribute it leans takes the scene's home value with probability p_home. Draws whose
-    (shape, pattern, background, outline) is in `held_out` are rejected and redrawn.
+    Every value is uniform, except that with probability p_scene a scene word is drawn (uniformly, or
+    by `scene_weights`) and the one unnamed attribute it leans takes the scene's home value with
+    probability p_home. Draws whose (shape, pattern, background, outline) is in `held_out` are rejected
+    and redrawn.
     """
-    scenes = tuple(SCENES)
     while True:
         attrs = {a: _choice(rng, VALUES[a]) for a in ATTRIBUTES}
-        scene = _choice(rng, scenes) if rng.random() < p_scene else None
+        scene = _draw_scene(rng, scene_weights) if rng.random() < p_scene else None
         if scene is not None:
             name, home = SCENES[scene]
             attrs[name] = _home_or_other(rng, VALUES[name], home, p_home)
@@ -62,11 +74,12 @@ def caption(attrs, scene, rng):
 class ShapesWorld(Dataset):
     """Items {"image": (size, size, 3) float32 in [-1, 1], "caption": str}; item i depends only on (seed, split, i)."""
 
-    def __init__(self, size=32, length=50000, seed=0, p_scene=0.8, p_home=0.95, split="train"):
+    def __init__(self, size=32, length=50000, seed=0, p_scene=0.8, p_home=0.95, split="train", scene_weights=None):
         if split not in SPLITS:
             raise ValueError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
         self.size, self.length, self.seed, self.split = size, length, seed, split
         self.p_scene, self.p_home = p_scene, p_home
+        self.scene_weights = dict(scene_weights) if scene_weights else None
 
     def __len__(self):
         return self.length
@@ -75,7 +88,8 @@ class ShapesWorld(Dataset):
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} is outside a ShapesWorld of length {self.length}")
         rng = np.random.default_rng([self.seed, SPLITS[self.split], i])
-        attrs, scene = sample_attributes(rng, p_scene=self.p_scene, p_home=self.p_home)
+        attrs, scene = sample_attributes(rng, p_scene=self.p_scene, p_home=self.p_home,
+                                         scene_weights=self.scene_weights)
         image = render(attrs, rng)
         if self.size != CANVAS:
             image = np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BICUBIC))

@@ -117,10 +117,10 @@ class TransformerWrapper(nn.Module):
         if tokens.shape[1] > self.max_seq_len:
             raise ValueError(f"got {tokens.shape[1]} tokens but the text encoder holds at most {self.max_seq_len}: "
                              "truncate the token ids to max_seq_len")
-        x = encode_tokens(tokens, self.token_emb, self._encode_embeddings, embedding_manager)
+        x = encode_tokens(tokens, self.token_emb, self.encode_embeddings, embedding_manager)
         return x if return_embeddings else self.to_logits(x)
 
-    def _encode_embeddings(self, x):
+    def encode_embeddings(self, x):
         """x: (B, T, D) token embeddings -> (B, T, D) final states"""
         x = self.emb_dropout(x + self.pos_emb(x))
         return self.norm(self.attn_layers(x))
