@@ -41,7 +41,7 @@ def test_bert_checkpointing_recomputes_and_keeps_gradients(tiny_bert, monkeypatc
         encoder.requires_grad_(False)
         calls[0] = 0
         x = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
-        encoder.transformer._encode_embeddings(x).square().sum().backward()
+        encoder.transformer.encode_embeddings(x).square().sum().backward()
         grads.append(x.grad)
         counts.append(calls[0])
     assert counts == [2, 4]  # with checkpointing both attention layers ran again in backward

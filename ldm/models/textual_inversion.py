@@ -1,0 +1,160 @@
+"""What every text-conditioned generator of the framework shares: its text encoder, the optional
+EmbeddingManager, and the rules of textual inversion.
+
+A subclass (LatentDiffusion, the autoregressive ARTextToImage) names its generator modules in
+`generator_parts`, calls `setup_conditioning` in its constructor and defines `shared_step(batch) ->
+(loss, logs)`. In TI mode (a `personalization_config`) the generator, first stage and text encoder are
+frozen and stay in eval mode; only the manager's vectors and any `trainable_modules` reach the optimizer.
+"""
+import random
+
+import pytorch_lightning as pl
+import torch
+
+from ldm.util import instantiate_from_config
+
+
+def freeze(module):
+    """Eval mode and requires_grad=False for every parameter of `module` -> module."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class TextConditionedModel(pl.LightningModule):
+    generator_parts = ()  # attribute names of the modules TI freezes besides first stage and text encoder
+
+    def setup_conditioning(self, cond_stage_config, personalization_config=None, cond_stage_trainable=False,
+                           train_embedding=True, trainable_modules=None):
+        """Build the text encoder and the manager, then freeze what the mode asks (after the generator exists)."""
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        self.personalization_config = personalization_config
+        self.embedding_manager = self.build_embedding_manager()
+        if personalization_config is not None:
+            for name in self.generator_parts:
+                freeze(getattr(self, name))
+            freeze(self.cond_stage_model)
+        elif not cond_stage_trainable:
+            freeze(self.cond_stage_model)
+        self.train_embedding = train_embedding
+        self.trainable_modules = dict(trainable_modules or {})  # submodule path -> learning rate (None: base)
+        self.unfreeze_trainable_modules()
+
+    def build_embedding_manager(self):
+        """The EmbeddingManager of the config, its vectors initialised from the current text encoder."""
+        if self.personalization_config is None:
+            return None
+        return instantiate_from_config(self.personalization_config, embedder=self.cond_stage_model)
+
+    def on_weights_loaded(self, loaded_keys):
+        """Called by `load.load_state_dict_into`. Initial vectors come from the text encoder's weights, so after
+        loading a base checkpoint (one without learned vectors) the manager is built again from them."""
+        if self.embedding_manager is not None and not any(k.startswith("embedding_manager.") for k in loaded_keys):
+            device = next(self.cond_stage_model.parameters()).device
+            self.embedding_manager = self.build_embedding_manager().to(device)
+            self.unfreeze_trainable_modules()
+
+    # ---- freezing ---------------------------------------------------------------------------
+    @property
+    def new_parameter_prefixes(self):
+        """State-dict prefixes a base checkpoint lacks: the learned vectors, and new conditioner modules."""
+        extra = getattr(self.cond_stage_model, "new_parameter_prefixes", ())
+        return ("embedding_manager.",) + tuple(f"cond_stage_model.{p}" for p in extra)
+
+    def unfreeze_trainable_modules(self):
+        """In TI mode, `trainable_modules` train beside (or, without train_embedding, instead of) the vectors."""
+        if self.embedding_manager is None:
+            if self.trainable_modules or not self.train_embedding:
+                raise ValueError("trainable_modules and train_embedding apply to textual inversion: "
+                                 "add a personalization_config")
+            return
+        for path in self.trainable_modules:
+            self.get_submodule(path).requires_grad_(True)
+        for p in self.embedding_manager.embedding_parameters():
+            p.requires_grad_(self.train_embedding)
+        if not self.trainable_parameters():
+            raise ValueError("nothing to train: set train_embedding true or list trainable_modules")
+
+    def frozen_modules(self):
+        parts = [getattr(self, name) for name in (*self.generator_parts, "first_stage_model", "cond_stage_model")]
+        return [m for m in parts if not any(p.requires_grad for p in m.parameters())]
+
+    def train(self, mode=True):
+        """Frozen parts stay in eval mode whatever Lightning asks (dropout off, as at inference);
+        of a partly trained part only its `trainable_modules` follow `mode`."""
+        super().train(mode)
+        for m in self.frozen_modules():
+            m.eval()
+        for path in self.trainable_modules:
+            self.get_submodule(path.split(".")[0]).eval()
+        for path in self.trainable_modules:
+            self.get_submodule(path).train(mode)
+        return self
+
+    def param_groups(self, lr):
+        """Optimizer groups: the vectors at `lr`, each trainable module at its own rate (or `lr`)."""
+        if self.embedding_manager is None:
+            return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+        vectors = list(self.embedding_manager.embedding_parameters())
+        groups = [{"params": vectors, "lr": lr}] if self.train_embedding else []
+        groups += [{"params": list(self.get_submodule(path).parameters()), "lr": lr if mlr is None else mlr}
+                   for path, mlr in self.trainable_modules.items()]
+        return groups
+
+    def trainable_parameters(self):
+        return [p for group in self.param_groups(0.0) for p in group["params"]]
+
+    def trainable_module_state(self):
+        """{full state-dict key: tensor} of the trainable modules (what a TI run saves beside its vectors)."""
+        prefixes = tuple(f"{path}." for path in self.trainable_modules)
+        return {k: v.detach() for k, v in self.state_dict().items() if k.startswith(prefixes)}
+
+    # ---- conditioning ---------------------------------------------------------------------------
+    def get_learned_conditioning(self, c):
+        """c: list of B strings -> (B, T, D) context (through the embedding manager)."""
+        return self.cond_stage_model.encode(list(c), embedding_manager=self.embedding_manager)
+
+    def captions_from_batch(self, batch):
+        """The batch's captions; while pretraining, each is dropped to "" with probability cond_drop_prob."""
+        captions = list(batch[self.cond_stage_key])
+        if self.training and self.cond_drop_prob > 0:
+            captions = ["" if random.random() < self.cond_drop_prob else c for c in captions]
+        return captions
+
+    def add_embedding_regulariser(self, loss, logs):
+        """loss + embedding_reg_weight x the manager's distance to its initial vectors (when both are set)."""
+        if self.embedding_manager is not None and self.embedding_reg_weight > 0:
+            reg = self.embedding_manager.embedding_to_coarse_loss().mean()
+            loss = loss + self.embedding_reg_weight * reg
+            logs["loss_embedding_reg"] = reg.detach()
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+    # ---- training -------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        loss, logs = self.shared_step(batch)
+        n = len(batch[self.cond_stage_key])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in logs.items() if k != "loss"}, on_step=True, batch_size=n)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        _, logs = self.shared_step(batch)
+        self.log_dict({f"val/{k}": v for k, v in logs.items()}, sync_dist=True,
+                      batch_size=len(batch[self.cond_stage_key]))
+
+    def configure_optimizers(self):
+        lr = getattr(self, "learning_rate", 1e-4)
+        return torch.optim.AdamW(self.param_groups(lr), lr=lr)
+
+    # ---- checkpoints: in TI mode only the trainable state is written ----------------------------
+    def on_save_checkpoint(self, checkpoint):
+        if self.embedding_manager is not None:
+            keep = ("embedding_manager.",) + tuple(f"{path}." for path in self.trainable_modules)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(keep)}
+
+    def on_load_checkpoint(self, checkpoint):
+        if self.embedding_manager is not None:
+            self.strict_loading = False
