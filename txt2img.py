@@ -3,6 +3,9 @@
     python txt2img.py --embedding_path logs/RUN/checkpoints/embeddings.pt \
         --ckpt_path models/ldm/text2img-large/model.ckpt --prompt "a photo of *" \
         --ddim_steps 50 --outdir outputs/NAME --scale 7.5 --n_samples 4 --n_iter 1 --ddim_eta 0.0
+
+An autoregressive config (ldm.models.autoregressive.ar.ARTextToImage, e.g. models/ar/tiny-shapes/config.yaml)
+samples codes instead: --top_k, --top_p and --temperature apply, the diffusion sampler options do not.
 """
 import argparse
 import logging
@@ -40,6 +43,9 @@ def get_parser(default_config="configs/latent-diffusion/txt2img-1p4B-eval.yaml",
     p.add_argument("--W", type=int, default=256)
     p.add_argument("--n_samples", type=int, default=4, help="images per batch")
     p.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--top_k", type=int, default=0, help="autoregressive models: keep the k likeliest codes (0: all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="autoregressive models: nucleus mass kept")
+    p.add_argument("--temperature", type=float, default=1.0, help="autoregressive models: logit temperature")
     p.add_argument("--config", nargs="+", default=[default_config] if isinstance(default_config, str) else
                    list(default_config), help="model config(s), merged left to right")
     p.add_argument("--ckpt_path", default=default_ckpt)
@@ -118,6 +124,23 @@ def latent_shape(model, opt):
     return (opt.n_samples, model.channels, opt.H // f, opt.W // f)
 
 
+def steps_per_batch(model, opt):
+    """Sampler steps (diffusion) or codes (autoregressive) per batch, for the progress bar."""
+    return model.transformer.n_positions if hasattr(model, "sample_images") else opt.ddim_steps
+
+
+def sample_batch(model, prompts, opt, generator, callback=None):
+    """prompts: list of B str -> images (B, 3, H, W) in [-1, 1] with the options of `opt`."""
+    if hasattr(model, "sample_images"):  # autoregressive: the image size is the model's
+        return model.sample_images(prompts, scale=opt.scale, temperature=opt.temperature, top_k=opt.top_k,
+                                   top_p=opt.top_p, generator=generator, callback=callback)
+    shape = latent_shape(model, opt)
+    z = sample_latents(model, prompts, (len(prompts),) + shape[1:], steps=opt.ddim_steps, scale=opt.scale,
+                       eta=opt.ddim_eta, sampler="plms" if opt.plms else opt.sampler, generator=generator,
+                       callback=callback)
+    return model.decode_first_stage(z)
+
+
 def to_uint8(x):
     """x: (B, 3, H, W) in [-1, 1] -> list of uint8 (H, W, 3)."""
     x = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
@@ -139,12 +162,9 @@ def run(opt):
     for prompt in read_prompts(opt):
         warn_missing_placeholder(model, prompt)
         images = []
-        bar = tqdm(total=opt.n_iter * opt.ddim_steps, desc=prompt[:40], unit="step")
+        bar = tqdm(total=opt.n_iter * steps_per_batch(model, opt), desc=prompt[:40], unit="step")
         for _ in range(opt.n_iter):
-            z = sample_latents(model, [prompt] * opt.n_samples, latent_shape(model, opt), steps=opt.ddim_steps,
-                               scale=opt.scale, eta=opt.ddim_eta, sampler="plms" if opt.plms else opt.sampler,
-                               generator=generator, callback=lambda *a: bar.update(1))
-            x = model.decode_first_stage(z)
+            x = sample_batch(model, [prompt] * opt.n_samples, opt, generator, callback=lambda *a: bar.update(1))
             images.append(x)
             for img in to_uint8(x):
                 path = os.path.join(sample_dir, f"{count:05}.png")

@@ -24,10 +24,11 @@ def checkpoint_of(path):
 
 
 def convert(state, half):
+    """Tensors to write; each gets its own storage (safetensors refuses tied ones, e.g. T5's two embedding keys)."""
     out = {}
     for key, value in state.items():
         keep = not half or key in SCHEDULE_BUFFERS or not value.is_floating_point()
-        out[key] = value.contiguous() if keep else value.half().contiguous()
+        out[key] = value.clone().contiguous() if keep else value.half().contiguous()
     return out
 
 

@@ -1,0 +1,89 @@
+"""ARTextToImage: an autoregressive text-to-image model over the codes of a frozen VQ first stage.
+
+    image (B, 3, H, W) --VQ encoder + quantizer--> codes (B, h*w) raster order
+    caption --text encoder (T5)--> context (B, T, D);   loss = cross-entropy(transformer(codes[:, :-1], context), codes)
+
+Two ways to train, as for LatentDiffusion (the config decides):
+- pretraining: transformer and text encoder train; with probability cond_drop_prob a sample's context
+  is replaced by the learned unconditional context `null_context` (for classifier-free guidance);
+- textual inversion (`personalization_config`): transformer, first stage and text encoder frozen and in
+  eval mode, no condition dropout; only the EmbeddingManager's vectors train.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.models.autoencoder import images_from_batch
+from ldm.models.autoregressive.sampling import sample_codes
+from ldm.models.textual_inversion import TextConditionedModel, freeze
+from ldm.util import instantiate_from_config
+
+
+class ARTextToImage(TextConditionedModel):
+    generator_parts = ("transformer",)
+
+    def __init__(self, transformer_config, first_stage_config, cond_stage_config, personalization_config=None,
+                 image_size=8, context_dim=64, first_stage_key="image", cond_stage_key="caption",
+                 cond_stage_trainable=False, cond_drop_prob=0.0, embedding_reg_weight=0.0, train_embedding=True,
+                 trainable_modules=None, ckpt_path=None):
+        super().__init__()
+        self.image_size = image_size  # codes per side
+        self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
+        self.cond_drop_prob, self.embedding_reg_weight = cond_drop_prob, embedding_reg_weight
+        self.transformer = instantiate_from_config(transformer_config)
+        self.null_context = nn.Parameter(torch.randn(1, 1, context_dim) * 0.02)
+        self.first_stage_model = freeze(instantiate_from_config(first_stage_config))
+        self.setup_conditioning(cond_stage_config, personalization_config, cond_stage_trainable, train_embedding,
+                                trainable_modules)
+        if personalization_config is not None:
+            self.null_context.requires_grad_(False)
+        if ckpt_path is not None:
+            from load import load_state_dict_into
+            load_state_dict_into(self, ckpt_path)
+
+    # ---- first stage ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_codes(self, x):
+        """x: (B, 3, H, W) in [-1, 1] -> codes (B, h*w) int64, raster order."""
+        _, _, indices = self.first_stage_model.quantize_latents(self.first_stage_model.encode(x))
+        return indices.flatten(1)
+
+    @torch.no_grad()
+    def decode_codes(self, codes):
+        """codes: (B, h*w) -> images (B, 3, H, W), roughly in [-1, 1]."""
+        return self.first_stage_model.decode_indices(codes.view(-1, self.image_size, self.image_size))
+
+    # ---- training -------------------------------------------------------------------------------
+    def context_with_dropout(self, c):
+        """While pretraining, each sample's context becomes null_context with probability cond_drop_prob."""
+        if not (self.training and self.embedding_manager is None and self.cond_drop_prob > 0):
+            return c
+        drop = torch.rand(c.shape[0], 1, 1, device=c.device) < self.cond_drop_prob
+        return torch.where(drop, self.null_context.expand_as(c), c)
+
+    def shared_step(self, batch):
+        codes = self.encode_codes(images_from_batch(batch, self.first_stage_key))
+        c = self.context_with_dropout(self.get_learned_conditioning(list(batch[self.cond_stage_key])))
+        logits = self.transformer(codes[:, :-1], c)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+        return self.add_embedding_regulariser(loss, {"loss_ce": loss.detach()})
+
+    # ---- sampling -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_images(self, captions, scale=3.0, temperature=1.0, top_k=0, top_p=1.0, generator=None,
+                      callback=None):
+        """captions: list of B str -> images (B, 3, H, W) in [-1, 1]; callback(i) after each of the h*w codes."""
+        c = self.get_learned_conditioning(captions)
+        codes = sample_codes(self.transformer, c, self.null_context, scale, temperature, top_k, top_p, generator,
+                             callback)
+        return self.decode_codes(codes).clamp(-1, 1)
+
+    @torch.no_grad()
+    def log_images(self, batch, N=8, guidance_scale=3.0, top_k=0, top_p=1.0, **kwargs):
+        """-> dict of (N, 3, H, W) images in [-1, 1]: inputs, reconstruction, samples, samples_scaled."""
+        x = images_from_batch(batch, self.first_stage_key)[:N].to(self.device)
+        captions = list(batch[self.cond_stage_key])[:N]
+        logs = {"inputs": x, "reconstruction": self.decode_codes(self.encode_codes(x))}
+        for key, scale in (("samples", 1.0), (f"samples_scaled_{guidance_scale:g}", guidance_scale)):
+            logs[key] = self.sample_images(captions, scale=scale, top_k=top_k, top_p=top_p)
+        return {k: v.clamp(-1, 1) for k, v in logs.items()}
