@@ -4,6 +4,8 @@
     python check/concept_table.py --captions           # also: does the pretrained model follow captions?
     python check/concept_table.py --captions --concepts   # only that (no concept, no TI)
     python check/concept_table.py --korean             # the same embeddings, prompted in Korean through v2
+    python check/concept_table.py --model ar --embeddings outputs/ar_embeddings   # the autoregressive model
+    python check/concept_table.py --model ar model.params.personalization_config.params.injection=output
 
 For each `dataset/<concept>/` a TI embedding is trained with the default settings
 (configs/tiny-shapes/finetune.yaml) unless `<embeddings>/<concept>.pt` exists, then n samples of
@@ -35,26 +37,34 @@ from load import load_model_from_config  # noqa: E402
 
 MODEL_DIR = "models/ldm/tiny-shapes"
 FINETUNE = "configs/tiny-shapes/finetune.yaml"
+MODELS = {"ldm": (MODEL_DIR, FINETUNE), "ar": ("models/ar/tiny-shapes", "configs/ar-shapes/finetune.yaml")}
 V2 = "configs/improvement/v2.yaml"
 
 
-def train_concept(spec, weights, logdir, extra=(), overlays=()):
+def train_concept(spec, weights, logdir, extra=(), overlays=(), model="ldm"):
     """Run train_new.py's code path (default TI settings + `overlays` + key=value `extra`) on dataset/<concept>."""
     import train_new
 
+    model_dir, finetune = MODELS[model]
     os.environ.pop("LDM_RUN_STAMP", None)
-    return train_new.main(["--base", f"{MODEL_DIR}/config.yaml", FINETUNE, *overlays, "-t", "--actual_resume",
+    return train_new.main(["--base", f"{model_dir}/config.yaml", finetune, *overlays, "-t", "--actual_resume",
                            weights, "-n", spec["name"], "--data_root", os.path.join("dataset", spec["name"]),
                            "--init_word", spec["init_word"], "--placeholder_string", "*", "-l", logdir, *extra])
 
 
 def make_sampler(model, steps, scale, seed, sampler="ddim"):
-    """generate(prompt, n) -> list of uint8 (32, 32, 3), batched, seeded per prompt."""
+    """generate(prompt, n) -> list of uint8 (32, 32, 3), batched, seeded per prompt.
+
+    Diffusion models sample with `sampler` in `steps`; autoregressive ones sample every code (steps unused).
+    """
     def generate(prompt, n):
         g = torch.Generator().manual_seed(seed)
-        z = sample_latents(model, [prompt] * n, (n, model.channels, model.image_size, model.image_size),
-                           steps=steps, scale=scale, sampler=sampler, generator=g)
-        x = model.decode_first_stage(z).clamp(-1, 1)
+        if hasattr(model, "sample_images"):
+            x = model.sample_images([prompt] * n, scale=scale, generator=g)
+        else:
+            z = sample_latents(model, [prompt] * n, (n, model.channels, model.image_size, model.image_size),
+                               steps=steps, scale=scale, sampler=sampler, generator=g)
+            x = model.decode_first_stage(z).clamp(-1, 1)
         return list(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
     return generate
 
@@ -106,21 +116,26 @@ def tables(args):
     """Train what is missing, then the markdown of every table `args` asks for."""
 
     specs = load_specs(args.concepts)
+    model_dir, finetune = MODELS[args.model]
+    weights = args.weights or f"{model_dir}/model.safetensors"
     for spec in specs:
         out = os.path.join(args.embeddings, f"{spec['name']}.pt")
         if not os.path.exists(out):
             with torch.enable_grad():
-                run = train_concept(spec, args.weights, args.logdir, args.train_overrides)
+                run = train_concept(spec, weights, args.logdir, args.train_overrides, model=args.model)
             os.makedirs(os.path.dirname(out), exist_ok=True)
             shutil.copyfile(os.path.join(run.logdir, "checkpoints", "embeddings.pt"), out)
 
-    configs = [f"{MODEL_DIR}/config.yaml", FINETUNE] + ([V2] if args.korean else [])
-    model = load_model_from_config(OmegaConf.merge(*map(OmegaConf.load, configs)), args.weights)
+    configs = [f"{model_dir}/config.yaml", finetune] + ([V2] if args.korean else [])
+    model_overrides = OmegaConf.from_dotlist([o for o in args.train_overrides if o.startswith("model.")])
+    config = OmegaConf.merge(*map(OmegaConf.load, configs), model_overrides)  # the TI runs' model settings
+    model = load_model_from_config(config, weights)
     generate = make_sampler(model, args.ddim_steps, args.scale, args.seed, args.sampler)
     if args.korean:
         generate = in_korean(generate)
     language = ", Korean prompts through improvement v2" if args.korean else ""
-    sections = [f"Measured {datetime.date.today()}: n={args.n} per prompt, {args.sampler} {args.ddim_steps} steps, "
+    how = "every code sampled" if args.model == "ar" else f"{args.sampler} {args.ddim_steps} steps"
+    sections = [f"Measured {datetime.date.today()} on {model_dir}: n={args.n} per prompt, {how}, "
                 f"guidance {args.scale}{language}."]
     if args.captions:
         manager, model.embedding_manager = model.embedding_manager, None
@@ -153,10 +168,14 @@ def tables(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all in dataset/)")
-    p.add_argument("--embeddings", default="outputs/concept_embeddings", help="folder of <concept>.pt files")
+    p.add_argument("--embeddings", default=None,
+                   help="folder of <concept>.pt files (default: outputs/concept_embeddings, _ar for --model ar)")
     p.add_argument("--logdir", default="logs/concepts", help="parent folder of the TI runs")
-    p.add_argument("--weights", default=f"{MODEL_DIR}/model.safetensors",
-                   help="weights of the model (e.g. a pretraining run's last.ckpt) for its config.yaml")
+    p.add_argument("--model", default="ldm", choices=sorted(MODELS),
+                   help="ldm: the latent-diffusion tiny model; ar: the autoregressive one (models/ar/tiny-shapes)")
+    p.add_argument("--weights", default=None,
+                   help="weights of the model (e.g. a pretraining run's last.ckpt) for its config.yaml "
+                        "(default: the shipped model.safetensors)")
     p.add_argument("--n", type=int, default=64, help="samples per prompt")
     p.add_argument("--ddim_steps", type=int, default=50, help="sampling steps (of any --sampler)")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
@@ -171,6 +190,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the tables (markdown) here too")
     p.add_argument("train_overrides", nargs="*", help="key=value overrides for the TI runs")
     args = p.parse_args(argv)
+    args.embeddings = args.embeddings or "outputs/concept_embeddings" + ("_ar" if args.model == "ar" else "")
     with torch.no_grad():
         text = tables(args)
     print(text)

@@ -33,7 +33,7 @@ def convert(state, half):
 
 
 def latent_scale_factor(run_dir, n=512):
-    """1 / std of first-stage latents over n training images of the run's dataset."""
+    """1 / std of an AutoencoderKL run's latents over n training images of its dataset."""
     from glob import glob
 
     from omegaconf import OmegaConf
@@ -64,7 +64,8 @@ def main(argv=None):
         save_file(convert(state, args.half), tmp, metadata={"global_step": str(info.get("global_step", ""))})
     print(f"wrote {args.out}: {len(state)} tensors, {os.path.getsize(args.out) / 2**20:.1f} MiB, "
           f"step {info.get('global_step', '?')}")
-    if any(k.startswith("encoder.") for k in state) and os.path.isdir(args.run):
+    is_kl = any(k.startswith("encoder.") for k in state) and not any(k.startswith("quantize.") for k in state)
+    if is_kl and os.path.isdir(args.run):  # a VQ first stage's codes need no scale
         print(f"latent scale_factor for the LDM config: {latent_scale_factor(args.run):.5f}")
 
 

@@ -9,6 +9,7 @@ SUPERSAMPLE = 4
 SIZE_RANGE = (18.0, 26.0)  # box side in pixels; a nuisance, like the position
 MARGIN = 2.0  # the outer frame stays background: readers find the background there
 CROSS_ARM = 0.45  # half-width of a cross arm, in half-box units
+CENTROID_V = {"triangle": 1 / 3}  # centroid below the box centre, in half-box units (others: at the centre)
 
 
 def unit_sdf(shape, u, v):
@@ -42,7 +43,9 @@ def box_sdf(shape, box, xs, ys):
 
 
 def pattern_dark(pattern, us, vs):
-    """Where the pattern takes its dark phase; us, vs: (...) pixels from the box corner -> (...) bool."""
+    """Where the pattern takes its dark phase; us, vs: (...) pixels from the shape's centroid -> (...) bool.
+
+    Band edges pass through the centroid, so every shape, even a thin cross arm, shows both phases."""
     band_u = np.floor(us / (PATTERN_PERIOD / 2)).astype(int)
     band_v = np.floor(vs / (PATTERN_PERIOD / 2)).astype(int)
     if pattern == "solid":
@@ -65,7 +68,8 @@ def rasterize(attrs, box):
     n = CANVAS * SUPERSAMPLE
     ys, xs = pixel_grid(n, 1.0 / SUPERSAMPLE)
     dist = box_sdf(attrs["shape"], box, xs, ys)
-    dark = pattern_dark(attrs["pattern"], xs - box[0], ys - box[1])
+    cx, cy = box[0] + box[2] / 2, box[1] + box[3] / 2 + CENTROID_V.get(attrs["shape"], 0.0) * box[3] / 2
+    dark = pattern_dark(attrs["pattern"], xs - cx, ys - cy)
     fill = np.asarray(COLOURS[attrs["colour"]], float) * np.where(dark, DARK_PHASE, 1.0)[..., None]
     img = np.broadcast_to(np.asarray(BACKGROUNDS[attrs["background"]], float), (n, n, 3)).copy()
     inside = dist <= 0

@@ -23,7 +23,7 @@ COLOURS = {
 DARK_PHASE = 0.5
 
 PATTERNS = ("solid", "stripes", "checker")
-PATTERN_PERIOD = 8  # pixels; 4-px bands survive an f4 autoencoder
+PATTERN_PERIOD = 16  # pixels: 8-px bands, two latent pixels of an f4 autoencoder, visible early in denoising
 
 # Mid-tone backgrounds at least 95 RGB units from every fill (both phases) and both outline colours.
 BACKGROUNDS = {
