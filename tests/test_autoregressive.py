@@ -99,3 +99,15 @@ def test_placeholder_positions_come_from_token_ids(ar_setup):
             rows = (embeds[0] == 3.0).all(-1).nonzero().flatten().tolist()
             start = (tokens[0] == manager.placeholder_ids["*"][0]).nonzero().flatten().tolist()
             assert rows[0] == start[0] and len(rows) == len(manager.placeholder_ids["*"])
+
+
+def test_cached_steps_give_the_full_forward_logits():
+    torch.manual_seed(1)
+    net = ImageTokenTransformer(n_codes=16, n_positions=6, context_dim=8, dim=16, depth=2, heads=2).eval()
+    codes, context = torch.randint(0, 16, (3, 6)), torch.randn(3, 5, 8)
+    with torch.no_grad():
+        full = net(codes[:, :-1], context)
+        caches, steps = net.start_cache(context), []
+        for i in range(6):
+            steps.append(net.step(None if i == 0 else codes[:, i - 1], caches))
+    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)

@@ -18,26 +18,26 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def guided_logits(transformer, prefix, context, null_context, scale):
-    """Next-code logits (B, K) with classifier-free guidance u + s (c - u), both halves in one forward."""
-    if scale == 1.0:
-        return transformer(prefix, context)[:, -1]
-    both = transformer(torch.cat([prefix, prefix]), torch.cat([context, null_context.expand_as(context)]))[:, -1]
-    cond, uncond = both.chunk(2)
-    return uncond + scale * (cond - uncond)
-
-
 @torch.no_grad()
 def sample_codes(transformer, context, null_context, scale=1.0, temperature=1.0, top_k=0, top_p=1.0,
                  generator=None, callback=None):
-    """context: (B, T, D) text states, null_context: (1, 1, D) -> codes (B, n_positions) int64, raster order."""
+    """context: (B, T, D) text states, null_context: (1, 1, D) -> codes (B, n_positions) int64, raster order.
+
+    With guidance the conditional and unconditional halves run as one batch of 2B through cached
+    keys and values; logits are u + scale (c - u).
+    """
     B = context.shape[0]
-    codes = torch.zeros(B, 0, dtype=torch.long, device=context.device)
+    guided = scale != 1.0
+    caches = transformer.start_cache(torch.cat([context, null_context.expand_as(context)]) if guided else context)
+    codes, last = [], None
     for i in range(transformer.n_positions):
-        logits = guided_logits(transformer, codes, context, null_context, scale) / max(temperature, 1e-6)
-        probs = filter_logits(logits.float(), top_k, top_p).softmax(-1)
-        nxt = torch.multinomial(probs, 1, generator=generator)
-        codes = torch.cat([codes, nxt], dim=1)
+        logits = transformer.step(None if last is None else (last.repeat(2) if guided else last), caches)
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + scale * (cond - uncond)
+        probs = filter_logits(logits.float() / max(temperature, 1e-6), top_k, top_p).softmax(-1)
+        last = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        codes.append(last)
         if callback is not None:
             callback(i)
-    return codes
+    return torch.stack(codes, dim=1)

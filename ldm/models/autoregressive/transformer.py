@@ -4,7 +4,8 @@
         --[causal self-attention, cross-attention to context, feed-forward] x depth--> logits (B, n+1, K)
 
 Position i of the output predicts code i from codes < i and the text, so `forward(codes[:, :-1])`
-gives the next-token logits of every position at once (teacher forcing) and sampling grows the prefix.
+gives the next-token logits of every position at once (teacher forcing); `step` feeds one code at a time
+with cached keys and values (sampling), with the same logits.
 """
 import torch
 import torch.nn.functional as F
@@ -22,12 +23,20 @@ class MultiHeadAttention(nn.Module):
         self.to_kv = nn.Linear(kv_dim or dim, 2 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x, kv=None, causal=False):
-        """x: (B, n, d), kv: (B, m, kv_dim) -> (B, n, d)"""
-        k, v = self.to_kv(x if kv is None else kv).chunk(2, dim=-1)
-        q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (self.to_q(x), k, v))
+    def keys_values(self, kv):
+        """kv: (B, m, kv_dim) -> k, v: (B, heads, m, e)"""
+        k, v = self.to_kv(kv).chunk(2, dim=-1)
+        return (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (k, v))
+
+    def attend(self, x, k, v, causal=False):
+        """x: (B, n, d) queries against k, v: (B, heads, m, e) -> (B, n, d)"""
+        q = rearrange(self.to_q(x), "b n (h e) -> b h n e", h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.to_out(rearrange(out, "b h n e -> b n (h e)"))
+
+    def forward(self, x, kv=None, causal=False):
+        """x: (B, n, d), kv: (B, m, kv_dim) -> (B, n, d)"""
+        return self.attend(x, *self.keys_values(x if kv is None else kv), causal=causal)
 
 
 class Block(nn.Module):
@@ -44,6 +53,18 @@ class Block(nn.Module):
     def forward(self, x, context):
         x = x + self.self_attn(self.norm1(x), causal=True)
         x = x + self.cross_attn(self.norm2(x), kv=context)
+        return x + self.ff(self.norm3(x))
+
+    def step(self, x, cache):
+        """x: (B, 1, d), the newest position; cache: {"k", "v"} of earlier positions (grown in place),
+        {"ck", "cv"} of the context -> (B, 1, d)"""
+        h = self.norm1(x)
+        k, v = self.self_attn.keys_values(h)
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        cache["k"], cache["v"] = k, v
+        x = x + self.self_attn.attend(h, k, v)
+        x = x + self.cross_attn.attend(self.norm2(x), cache["ck"], cache["cv"])
         return x + self.ff(self.norm3(x))
 
 
@@ -69,3 +90,17 @@ class ImageTokenTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, context)
         return self.head(self.norm(x))
+
+    def start_cache(self, context):
+        """Per-block caches holding the context's cross-attention keys and values; context: (B, T, context_dim)."""
+        return [dict(zip(("ck", "cv"), block.cross_attn.keys_values(context))) for block in self.blocks]
+
+    def step(self, last_code, caches):
+        """Logits (B, n_codes) of the next position; last_code: (B,) int64, or None at the first position."""
+        i = caches[0]["k"].shape[2] if "k" in caches[0] else 0
+        B = caches[0]["ck"].shape[0]
+        x = self.sos.expand(B, -1, -1) if last_code is None else self.code_emb(last_code)[:, None]
+        x = x + self.pos_emb[:, i:i + 1]
+        for block, cache in zip(self.blocks, caches):
+            x = block.step(x, cache)
+        return self.head(self.norm(x))[:, 0]
