@@ -44,3 +44,15 @@ def test_concept_table_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert "dpmpp_2m 2 steps" in table
     rows = [line for line in table.splitlines() if line.startswith("| checker_circle |")]
     assert [r.split(" | ")[1] for r in rows] == ["*", "circle"]
+
+
+def test_autoregressive_checkpoint_loads_strictly_and_samples():
+    ar = "models/ar/tiny-shapes"
+    model = load_model_from_config(OmegaConf.load(f"{ar}/config.yaml"), f"{ar}/model.safetensors", strict=True)
+    state, _ = read_state_dict(f"{ar}/model.safetensors")
+    assert set(state) == set(model.state_dict())
+    assert os.path.getsize(f"{ar}/model.safetensors") <= 30 * 2 ** 20
+    assert len(model.cond_stage_model.word_token_ids("triangle")) > 1  # pieces, so the init word is averaged
+    with torch.no_grad():
+        x = model.eval().sample_images(["a photo of a red circle"] * 2, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3, 32, 32) and x.abs().max() <= 1
