@@ -67,16 +67,18 @@ def korean(template, colour, shape, scene):
 
 
 def _objects():
-    """(colour or None, shape or '*') of every object phrase: 24 coloured shapes, '*' and 6 coloured '*'."""
-    return [(c, s) for s in SHAPES for c in COLOURS] + [(None, PLACEHOLDER)] + [(c, PLACEHOLDER) for c in COLOURS]
+    """(colour or None, shape or '*') of every object phrase: 24 coloured shapes, 4 bare shapes (the init-word
+    prompts), '*' and 6 coloured '*'."""
+    shapes = [(c, s) for s in SHAPES for c in COLOURS] + [(None, s) for s in SHAPES]
+    return shapes + [(None, PLACEHOLDER)] + [(c, PLACEHOLDER) for c in COLOURS]
 
 
 def build_pairs(seed=SPLIT_SEED, held_out_share=HELD_OUT_SHARE):
     """-> list of (korean, english, split): every (template, object) once without a scene and once with a
     scene drawn for it, plus the empty prompt; split is "train" or "heldout".
 
-    Held-out pairs are drawn among the coloured-shape ones, so every word still occurs in training:
-    what is held out is the combination.
+    Held-out pairs are drawn among the shape ones, so every word still occurs in training: what is held
+    out is the combination.
     """
     rng = np.random.default_rng(seed)
     scenes = list(SCENES)
