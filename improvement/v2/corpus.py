@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from ldm.data.shapes_palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES, TEMPLATES
+from ldm.util import atomic_path
 
 PLACEHOLDER = "*"
 
@@ -94,12 +95,9 @@ def build_pairs(seed=SPLIT_SEED, held_out_share=HELD_OUT_SHARE):
 
 def write_pairs(path, pairs):
     """Tab-separated `korean<TAB>english<TAB>split`, one pair per line, with a header."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write("korean\tenglish\tsplit\n")
         f.writelines(f"{ko}\t{en}\t{split}\n" for ko, en, split in pairs)
-    os.replace(tmp, path)
 
 
 def read_pairs(path, split=None):

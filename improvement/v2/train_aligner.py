@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from improvement.v2.aligner import alignment_losses  # noqa: E402
 from improvement.v2.corpus import read_pairs  # noqa: E402
 from improvement.v2.pre_BERT import SPECIAL_TOKENS  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import atomic_path, atomic_write_text, instantiate_from_config  # noqa: E402
 from load import read_state_dict  # noqa: E402
 
 MODEL = "models/ldm/tiny-shapes"
@@ -48,11 +48,11 @@ def train_wordpiece(texts, path, vocab_size=800):
     return path
 
 
-def english_target_ids(bert, sentences):
-    """Sorted BERT ids of `sentences` (with [PAD], [CLS], [SEP], [UNK]) -> list of int."""
-    ids = set(bert.tokenize(list(sentences)).flatten().tolist())
-    tokenizer = bert.tokenizer.tokenizer
-    ids |= {tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id}
+def english_target_ids(tokenizer, sentences):
+    """Sorted ids a TextTokenizer gives `sentences` (with [PAD], [CLS], [SEP], [UNK]) -> list of int."""
+    ids = set(tokenizer(list(sentences)).flatten().tolist())
+    hf = tokenizer.tokenizer
+    ids |= {hf.pad_token_id, hf.cls_token_id, hf.sep_token_id, hf.unk_token_id}
     return sorted(ids)
 
 
@@ -65,10 +65,12 @@ def build_conditioner(model_config, v2_config, pairs, out):
     if isinstance(spec, dict) and not spec.get("tokenizer"):
         texts = [t for pair in pairs for t in pair if t]
         spec["tokenizer"] = train_wordpiece(texts, os.path.join(out, "pre_encoder", "tokenizer.json"))
-    from ldm.modules.encoders.modules import BERTEmbedder
+    from ldm.modules.encoders.tokenizers import TextTokenizer, default_bert_source, load_bert_tokenizer
 
-    probe = BERTEmbedder(params["n_embed"], params["n_layer"])  # the English tokenizer for the target ids
-    params["target_ids"] = english_target_ids(probe, [en for _, en in pairs])
+    source = params.get("tokenizer_path") or default_bert_source()  # the English BERT's, as BERTEmbedder loads it
+    tokenizer = TextTokenizer(load_bert_tokenizer(source, params.get("vocab_size", 30522)),
+                              params.get("max_seq_len", 77))
+    params["target_ids"] = english_target_ids(tokenizer, [en for _, en in pairs])
     return instantiate_from_config({"target": node.target, "params": params})
 
 
@@ -111,20 +113,18 @@ def step_losses(cond, sources, target, index):
 @torch.no_grad()
 def evaluate(cond, pairs, batch_size=64):
     """Held-out figures: mean per-position cosine (soft, hard decode), token accuracy, exact-prompt share."""
-    was = cond.decode
     sums = {"cos_soft": 0.0, "cos_hard": 0.0, "token_acc": 0.0, "exact": 0.0}
     for i in range(0, len(pairs), batch_size):
         sources, targets = zip(*pairs[i:i + batch_size])
         target = cond.english(list(targets))
+        logits = cond.align(list(sources))  # once; both decodes read it
         for mode in ("soft", "hard"):
-            cond.decode = mode
-            cos = F.cosine_similarity(cond(list(sources)), target, dim=-1)  # (B, 77)
+            ids, embeds = cond.aligner.decode(logits, cond.token_embedding, mode)
+            cos = F.cosine_similarity(cond.transformer.encode_embeddings(embeds), target, dim=-1)  # (B, 77)
             sums[f"cos_{mode}"] += cos.mean(1).sum().item()
-        ids = cond.aligner.target_ids[cond.align(list(sources)).argmax(-1)]
         hit = ids == cond.tokenize(list(targets))
         sums["token_acc"] += hit.float().mean(1).sum().item()
         sums["exact"] += hit.all(1).float().sum().item()
-    cond.decode = was
     return {k: v / len(pairs) for k, v in sums.items()}
 
 
@@ -138,11 +138,9 @@ def save(cond, out, train_pre_encoder, report):
         cond.pre_encoder.save_pretrained(folder)
         cond.pre_tokenizer.save_pretrained(folder)
     state = {k: v.detach().contiguous() for k, v in cond.state_dict().items() if k.startswith("aligner.")}
-    tmp = os.path.join(out, "aligner.safetensors.tmp")
-    save_file(state, tmp)
-    os.replace(tmp, os.path.join(out, "aligner.safetensors"))
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    with atomic_path(os.path.join(out, "aligner.safetensors")) as tmp:
+        save_file(state, tmp)
+    atomic_write_text(json.dumps(report, indent=2), os.path.join(out, "report.json"))
 
 
 def train(args):
@@ -150,9 +148,10 @@ def train(args):
     pairs = read_pairs(args.pairs, "train")
     heldout = read_pairs(args.pairs, "heldout")
     train_pairs = pairs + [(en, en) for _, en in pairs if en]
-    cond = build_conditioner(OmegaConf.load(args.config), OmegaConf.load(args.v2), train_pairs, args.out)
+    v2_config = OmegaConf.load(args.v2)
+    cond = build_conditioner(OmegaConf.load(args.config), v2_config, train_pairs, args.out)
     load_bert(cond, args.ckpt)
-    built_here = not isinstance(OmegaConf.load(args.v2).model.params.cond_stage_config.params.pre_encoder, str)
+    built_here = not isinstance(v2_config.model.params.cond_stage_config.params.pre_encoder, str)
     train_pre_encoder = args.train_pre_encoder or built_here
     cond.pre_encoder.requires_grad_(train_pre_encoder).train(train_pre_encoder)
     params = [p for p in cond.parameters() if p.requires_grad]
