@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import attention_impl, build, load_config, median, peak_memory, timed  # noqa: E402
+from ldm.data.personalized import PersonalizedBase, resolve_templates  # noqa: E402
 
 DEFAULT_CONFIG = ["models/ldm/tiny-shapes/config.yaml", "configs/tiny-shapes/finetune.yaml"]
 DEFAULT_CKPT = "models/ldm/tiny-shapes/model.safetensors"
@@ -34,11 +35,20 @@ def image_pool(size, n=5, seed=0):
     return torch.cat([x, x.flip(2)])
 
 
-def batches(pool, batch_size, count, seed=0):
+def caption_templates(config):
+    """The templates the config's TI dataset captions its images with (the dataset's default without one)."""
+    train = config.get("data", {}).get("params", {}).get("train", {}).get("params", {})
+    templates = train.get("templates")
+    return resolve_templates(templates) if templates is not None else PersonalizedBase.templates
+
+
+def batches(pool, batch_size, count, templates=("a photo of a {}",), seed=0):
+    """Batches as a TI run draws them: images from the pool, each captioned by a random template."""
     rng = np.random.default_rng(seed)
     for _ in range(count):
-        idx = rng.choice(len(pool), batch_size, replace=False)
-        yield {"image": pool[idx], "caption": ["a photo of a *"] * batch_size}
+        idx = rng.choice(len(pool), batch_size, replace=batch_size > len(pool))  # repeats, as the dataset has
+        captions = [templates[k].format("*") for k in rng.integers(len(templates), size=batch_size)]
+        yield {"image": pool[idx], "caption": captions}
 
 
 class Variant:
@@ -81,7 +91,7 @@ def memory_child(args):
     config = load_config(args.config, args.overrides)
     v = Variant(config, args.ckpt, args.memory_of == "ours", args.device, args.precision)
     pool = image_pool(args.size or config.model.params.first_stage_config.params.ddconfig.resolution)
-    data = list(batches(pool, args.batch, args.warmup + 4))
+    data = list(batches(pool, args.batch, args.warmup + 4, caption_templates(config)))
     for b in data[: args.warmup]:
         v.step(b)
     print(json.dumps({"peak_mib": peak_memory(args.device, lambda: [v.step(b) for b in data[args.warmup:]])}))
@@ -121,7 +131,8 @@ def main(argv=None):
     size = args.size or config.model.params.first_stage_config.params.ddconfig.resolution
     ours, orig = (Variant(config, args.ckpt, flag, args.device, args.precision) for flag in (True, False))
     times = {"ours": [], "original": []}
-    for i, b in enumerate(batches(image_pool(size), args.batch, args.warmup + args.steps)):
+    templates = caption_templates(config)
+    for i, b in enumerate(batches(image_pool(size), args.batch, args.warmup + args.steps, templates)):
         for name, v in (("ours", ours), ("original", orig)) if i % 2 else (("original", orig), ("ours", ours)):
             ms = timed(lambda: v.step(b), args.device)
             if i >= args.warmup:
@@ -133,7 +144,7 @@ def main(argv=None):
     print(f"{'original':10}{t_orig:>18.1f}{mem['original']:>12.1f}")
     print(f"{'ours':10}{t_ours:>18.1f}{mem['ours']:>12.1f}")
     print(f"speed-up {t_orig / t_ours:.2f}x, memory ratio {mem['ours'] / max(mem['original'], 1e-9):.2f}")
-    parts = breakdown(ours, next(batches(image_pool(size), args.batch, 1)))
+    parts = breakdown(ours, next(batches(image_pool(size), args.batch, 1, templates)))
     total = sum(parts.values())
     print("where our step's time goes: " + ", ".join(f"{k} {v:.1f} ms ({100 * v / total:.0f}%)" for k, v in parts.items()))
 

@@ -8,6 +8,8 @@ A variant file lists config overlays and key=value overrides on top of the defau
 reports the final loss (mean of the last 100 steps), concept fidelity and editability (the concept
 evaluator, `*` prompts), the median training step time and the trainable parameter count. Writes
 <out>/ablations.md, ablations.csv and ablations.png (means over the concepts), and prints the table.
+Pairs already in <out>/ablations.csv are reused: rerunning the command resumes it, and rows of several
+runs copied into one ablations.csv make one table.
 """
 import argparse
 import csv
@@ -67,11 +69,37 @@ def evaluate_run(run, overlays, overrides, weights, spec, args):
     return evaluate_concept(generate, spec, n=args.n, baseline=False)["pseudo_word"]
 
 
+NUMERIC = {"final loss": float, "fidelity": float, "editability": float, "ms/step": float, "trainable params": int}
+
+
+def read_rows(path):
+    """The rows of an earlier ablations.csv (numbers parsed), or [] where there is none."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return [{k: NUMERIC[k](v) if k in NUMERIC else v for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def write_csv(rows, path):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
 def ablation_rows(variants, specs, args):
+    """Train and score every (variant, concept); a pair already in <out>/ablations.csv is kept, not rerun,
+    and the file is rewritten after each new pair, so an interrupted command resumes where it stopped."""
+    csv_path = os.path.join(args.out, "ablations.csv")
+    done = {(r["variant"], r["concept"]): r for r in read_rows(csv_path)}
     rows = []
     for name in variants:
         overlays, overrides = load_variant(name)
         for spec in specs:
+            if (name, spec["name"]) in done:
+                rows.append(done[(name, spec["name"])])
+                continue
             with torch.enable_grad():
                 run = train_concept(spec, args.weights, args.logdir, [*overrides, *args.train_overrides], overlays)
             loss, step_ms = run_metrics(run.logdir)
@@ -79,6 +107,9 @@ def ablation_rows(variants, specs, args):
             rows.append({"variant": name, "concept": spec["name"], "final loss": loss,
                          "fidelity": scores["fidelity"], "editability": scores["editability"], "ms/step": step_ms,
                          "trainable params": sum(p.numel() for p in run.model.trainable_parameters())})
+            done[(name, spec["name"])] = rows[-1]
+            os.makedirs(args.out, exist_ok=True)
+            write_csv(list(done.values()), csv_path)
     return rows
 
 
@@ -87,8 +118,9 @@ def means_by_variant(rows):
     out = []
     for name in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == name]
+        means = {k: np.mean([r[k] for r in mine]) for k in mine[0] if k not in ("variant", "concept")}
         out.append({"variant": name, "concepts": len(mine),
-                    **{k: float(np.mean([r[k] for r in mine])) for k in mine[0] if k not in ("variant", "concept")}})
+                    **{k: int(v) if NUMERIC[k] is int and v == int(v) else float(v) for k, v in means.items()}})
     return out
 
 
@@ -115,11 +147,7 @@ def write_outputs(rows, summary, header, out):
     os.makedirs(out, exist_ok=True)
     text = "\n\n".join([header, "Means over the concepts:", format_table(summary), "Per concept:", format_table(rows)])
     atomic_write_text(text + "\n", os.path.join(out, "ablations.md"))
-    with atomic_path(os.path.join(out, "ablations.csv")) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    write_csv(rows, os.path.join(out, "ablations.csv"))
     plot(summary, os.path.join(out, "ablations.png"))
     return text
 

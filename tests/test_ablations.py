@@ -32,3 +32,10 @@ def test_ablations_end_to_end(tmp_path, monkeypatch, capsys):
     assert all(float(r["ms/step"]) > 0 and 0 <= float(r["fidelity"]) <= 1 for r in rows)
     assert (out / "ablations.png").stat().st_size > 0
     assert "Means over the concepts" in (out / "ablations.md").read_text()
+    # a second command with the same --out reuses both pairs: nothing is trained again
+    monkeypatch.setattr(ablations, "train_concept", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    ablations.main(["--variants", "baseline", "v1_adapter_only", "--concepts", "checker_circle", "--n", "2",
+                    "--steps", "2", "--logdir", str(tmp_path / "logs"), "--out", str(out)])
+    with open(out / "ablations.csv") as f:
+        assert list(csv.DictReader(f)) == rows
+    assert "| baseline | 1 |" in (out / "ablations.md").read_text()

@@ -70,3 +70,48 @@ def test_ddim_timesteps_follow_the_reference_and_stay_in_range():
     for steps in (1, 3, 7, 30, 999, 1000):
         ts = ddim_timesteps(1000, steps)
         assert 0 < ts.min() and ts.max() < 1000 and (ts.diff() > 0).all()
+
+
+class _UNetHolder(torch.nn.Module):
+    """The one method of a LatentDiffusion model that guided_eps calls."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.unet = UNetModel(8, 4, 32, 4, 1, [1, 2], channel_mult=[1, 2], num_heads=4, context_dim=16)
+        for p in self.unet.parameters():  # proj_out is zero-initialised: give the transformers a say
+            p.data.normal_(0, 0.2)
+
+    def apply_model(self, x, t, c):
+        return self.unet(x, t, context=c)
+
+
+def test_guided_eps_projects_the_context_once_and_changes_nothing():
+    from ldm.models.diffusion.sampling import guided_eps
+    from ldm.modules.attention import CrossAttention
+
+    model = _UNetHolder().eval()
+    c, uc = torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+    cross = [m for m in model.modules() if isinstance(m, CrossAttention) and m.to_k.in_features == 16]
+    calls = []
+    for m in cross:
+        m.to_k.register_forward_hook(lambda *_: calls.append(1))
+    ac = schedule_tensors(make_beta_schedule("linear", 1000, 0.00085, 0.012))["alphas_cumprod"].float()
+    x_T = torch.randn(2, 4, 8, 8)
+
+    def fresh_each_step(x, t):
+        e_uc, e_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uc, c])).chunk(2)
+        return e_uc + 3.0 * (e_c - e_uc)
+
+    with torch.no_grad():
+        expected = sample_ddim(fresh_each_step, x_T, ddim_schedule(ac, 5))
+        assert len(calls) == 5 * len(cross)
+        calls.clear()
+        got = sample_ddim(guided_eps(model, c, uc, 3.0), x_T, ddim_schedule(ac, 5))
+    assert len(calls) == len(cross) > 0  # keys of each cross-attention layer computed once, not per step
+    assert torch.equal(got, expected)
+    calls.clear()
+    eps_fn = guided_eps(model, c, uc, 3.0)
+    eps_fn(x_T, torch.tensor([10, 10])).sum()
+    eps_fn(x_T, torch.tensor([10, 10])).sum()  # with autograd on nothing is kept between calls
+    assert len(calls) == 2 * len(cross)

@@ -60,7 +60,7 @@ IMAGENET_DUAL_TEMPLATES_SMALL = tuple(t + " with {}" for t in _PHOTO_TEMPLATES)
 SPLITS = ("train", "val", "test")
 
 
-def _caption_templates(templates):
+def resolve_templates(templates):
     """A list of "{}" templates, or the dotted name of one -> tuple of templates, each checked."""
     if isinstance(templates, str):
         templates = get_obj_from_str(templates)
@@ -107,7 +107,7 @@ class PersonalizedBase(Dataset):
         self.mixing_prob = mixing_prob
         self.coarse_class_text = coarse_class_text
         if templates is not None:
-            self.templates = _caption_templates(templates)
+            self.templates = resolve_templates(templates)
 
     def __len__(self):
         return self._length

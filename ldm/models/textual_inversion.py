@@ -112,8 +112,17 @@ class TextConditionedModel(pl.LightningModule):
 
     # ---- conditioning ---------------------------------------------------------------------------
     def get_learned_conditioning(self, c):
-        """c: list of B strings -> (B, T, D) context (through the embedding manager)."""
-        return self.cond_stage_model.encode(list(c), embedding_manager=self.embedding_manager)
+        """c: list of B strings -> (B, T, D) context (through the embedding manager).
+
+        A TI batch repeats its few templates: with the whole text encoder in eval mode (no dropout to draw
+        per row) each distinct caption is encoded once and its rows are gathered (gradients add up).
+        """
+        captions = list(c)
+        rows = {caption: k for k, caption in enumerate(dict.fromkeys(captions))}
+        if len(rows) == len(captions) or any(m.training for m in self.cond_stage_model.modules()):
+            return self.cond_stage_model.encode(captions, embedding_manager=self.embedding_manager)
+        context = self.cond_stage_model.encode(list(rows), embedding_manager=self.embedding_manager)
+        return context[torch.tensor([rows[caption] for caption in captions], device=context.device)]
 
     def captions_from_batch(self, batch):
         """The batch's captions; while pretraining, each is dropped to "" with probability cond_drop_prob."""

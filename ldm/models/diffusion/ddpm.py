@@ -30,7 +30,8 @@ class DiffusionWrapper(nn.Module):
         self.conditioning_key = conditioning_key
 
     def forward(self, x, t, c_crossattn):
-        return self.diffusion_model(x, t, context=torch.cat(c_crossattn, dim=1))
+        context = c_crossattn[0] if len(c_crossattn) == 1 else torch.cat(c_crossattn, dim=1)
+        return self.diffusion_model(x, t, context=context)
 
 
 class LatentDiffusion(NoiseSchedule, TextConditionedModel):

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import torch
 
+from ldm.modules.attention import reuse_context_projections
+
 
 def ddim_timesteps(num_train_steps, steps):
     """Uniform DDIM discretisation of the reference: range(0, T, T // S) + 1 (ascending, int64).
@@ -32,12 +34,18 @@ def ddim_schedule(alphas_cumprod, steps, eta=0.0):
 
 
 def guided_eps(model, c, uc=None, scale=1.0):
-    """eps_fn for model.apply_model with classifier-free guidance: e_uc + s (e_c - e_uc), one forward."""
-    if uc is None or scale == 1.0:
-        return lambda x, t: model.apply_model(x, t, c)
+    """eps_fn for model.apply_model with classifier-free guidance: e_uc + s (e_c - e_uc), one forward.
+
+    The context is the same at every step, so its cross-attention keys and values are computed once.
+    """
+    guided = uc is not None and scale != 1.0
+    context, projections = (torch.cat([uc, c]) if guided else c), {}
 
     def eps_fn(x, t):
-        e_uc, e_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uc, c])).chunk(2)
+        with reuse_context_projections(projections):
+            if not guided:
+                return model.apply_model(x, t, context)
+            e_uc, e_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), context).chunk(2)
         return e_uc + scale * (e_c - e_uc)
 
     return eps_fn
