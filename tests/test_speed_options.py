@@ -46,3 +46,28 @@ def test_bert_checkpointing_recomputes_and_keeps_gradients(tiny_bert, monkeypatc
         counts.append(calls[0])
     assert counts == [2, 4]  # with checkpointing both attention layers ran again in backward
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_conv_keeps_only_its_weight_and_gives_the_same_input_gradient(monkeypatch):
+    from ldm.modules.diffusionmodules.util import Conv2d
+
+    monkeypatch.setattr(Conv2d, "lean_min_numel", 1)
+    conv = Conv2d(8, 16, 3, stride=2, padding=1)
+    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    g = torch.randn(2, 16, 5, 5)
+
+    def saved_shapes_and_grad():
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (shapes.append(tuple(t.shape)), t)[1], lambda t: t):
+            y = conv(x)
+        (grad,) = torch.autograd.grad(y, x, g)
+        return shapes, grad
+
+    trained_shapes, trained_grad = saved_shapes_and_grad()
+    assert (2, 8, 9, 9) in trained_shapes  # a trainable weight needs the input for its own gradient
+    conv.requires_grad_(False)
+    frozen_shapes, frozen_grad = saved_shapes_and_grad()
+    assert frozen_shapes == [(16, 8, 3, 3)]
+    assert torch.equal(frozen_grad, trained_grad)
+    monkeypatch.setattr(Conv2d, "lean_min_numel", x.numel() + 1)  # small inputs stay with autograd
+    assert (2, 8, 9, 9) in saved_shapes_and_grad()[0]

@@ -1,6 +1,6 @@
 """Cross-attention and the SpatialTransformer of the LDM UNet.
 
-Attention runs through `scaled_dot_product_attention`; `Attention.use_sdpa = False` switches every
+Attention runs through `scaled_dot_product_attention`; `CrossAttention.use_sdpa = False` switches every
 instance to the explicit einsum/softmax path of the reference code (used by the benchmark baseline).
 Inside `reuse_context_projections(store)` (no autograd) each cross-attention layer projects a given
 context to keys and values once and reuses them: a sampler conditions every step on the same context.
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import checkpoint
+from ldm.modules.diffusionmodules.util import Conv2d, checkpoint
 
 
 def attention(q, k, v, heads, use_sdpa=True):
@@ -126,11 +126,11 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = n_heads * d_head
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(in_channels, inner, 1)
+        self.proj_in = Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, n_heads, d_head, dropout, context_dim, checkpoint) for _ in range(depth)
         )
-        self.proj_out = zero_module(nn.Conv2d(inner, in_channels, 1))
+        self.proj_out = zero_module(Conv2d(inner, in_channels, 1))
 
     def forward(self, x, context=None):
         """x: (B, C, H, W), context: (B, M, Cc) -> (B, C, H, W)."""
