@@ -139,10 +139,10 @@ def main(argv=None):
     config = load_config(args.config, args.overrides)
     size = args.size or config.model.params.first_stage_config.params.ddconfig.resolution
     ours, orig = (Variant(config, args.ckpt, flag, args.device, args.precision) for flag in (True, False))
-    ours.fill_cache(image_pool(size))
+    pool, templates = image_pool(size), caption_templates(config)
+    ours.fill_cache(pool)
     times = {"ours": [], "original": []}
-    templates = caption_templates(config)
-    for i, b in enumerate(batches(image_pool(size), args.batch, args.warmup + args.steps, templates)):
+    for i, b in enumerate(batches(pool, args.batch, args.warmup + args.steps, templates)):
         for name, v in (("ours", ours), ("original", orig)) if i % 2 else (("original", orig), ("ours", ours)):
             ms = timed(lambda: v.step(b), args.device)
             if i >= args.warmup:
@@ -154,7 +154,7 @@ def main(argv=None):
     print(f"{'original':10}{t_orig:>18.1f}{mem['original']:>12.1f}")
     print(f"{'ours':10}{t_ours:>18.1f}{mem['ours']:>12.1f}")
     print(f"speed-up {t_orig / t_ours:.2f}x, memory ratio {mem['ours'] / max(mem['original'], 1e-9):.2f}")
-    parts = breakdown(ours, next(batches(image_pool(size), args.batch, 1, templates)))
+    parts = breakdown(ours, next(batches(pool, args.batch, 1, templates)))
     total = sum(parts.values())
     print("where our step's time goes: " + ", ".join(f"{k} {v:.1f} ms ({100 * v / total:.0f}%)" for k, v in parts.items()))
 
