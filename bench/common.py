@@ -28,11 +28,12 @@ def build(config, ckpt, ours, device):
     """The TI model as we run it (`ours`) or as the original code runs it; same weights either way.
 
     Original: no latent cache (first stage re-encodes every step), no gradient checkpointing.
-    Ours: the cache, and the checkpointing the config asks for (UNet, and LDM BERT where it has the option).
-    Frozen weights have requires_grad=False in both, as the original freezes them.
+    Ours: the cache, and the checkpointing and torch.compile the config asks for (UNet, and LDM BERT where
+    it has the option). Frozen weights have requires_grad=False in both, as the original freezes them.
     """
     params = config.model.params
     params.latent_cache = bool(ours)
+    params.compile = bool(ours) and bool(params.get("compile", False))
     for node in (params.unet_config.params, params.cond_stage_config.get("params")):
         if node is not None and "use_checkpoint" in node:
             node.use_checkpoint = bool(ours) and bool(node.use_checkpoint)

@@ -15,8 +15,8 @@ from ldm.data.shapes_readers import read_attributes
 from ldm.data.shapes_world import render, sample_attributes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEC = CONCEPTS[0]  # red checker circle, black outline, slate background
-RED = dict(SPEC["attributes"])
+SPEC = CONCEPTS[0]  # checker circle, black outline, slate background, in any colour
+RED = {**SPEC["attributes"], "colour": "red"}
 
 
 def _blur(x, sigma):
@@ -84,8 +84,9 @@ def test_scores_on_hand_made_cases():
     edited = _renders({**RED, edit["attribute"]: edit["value"]})
     assert concept_fidelity(right, SPEC) == 1.0 and concept_fidelity(wrong_background, SPEC) == 0.0
     assert per_attribute_match(wrong_background, SPEC) == dict.fromkeys(SPEC["attributes"], 1.0) | {"background": 0.0}
+    assert "colour" not in per_attribute_match(right, SPEC)  # the concept holds in every colour
     assert concept_fidelity(right + wrong_background, SPEC) == 0.5
-    assert edit_success(edited, SPEC, edit) == 1.0 and concept_fidelity(edited, SPEC) == 0.0  # colour is the concept's
+    assert edit_success(edited, SPEC, edit) == 1.0 and concept_fidelity(edited, SPEC) == 1.0
     assert edit_success(right, SPEC, edit) == 0.0
     edited_wrong_background = _renders({**RED, edit["attribute"]: edit["value"], "background": "mint"})
     assert edit_success(edited_wrong_background, SPEC, edit) == 0.0
@@ -134,9 +135,9 @@ def test_cli_scores_a_folder(tmp_path, capsys):
     spec_path = os.path.join(REPO, "dataset", SPEC["name"], "concept.json")
     main(["--images", str(tmp_path), "--spec", spec_path, "--edit", SPEC["edits"][0]["prompt"]])
     lines = capsys.readouterr().out.splitlines()
-    header = "| concept | images | edit_success | fidelity | shape | colour | pattern | background | outline |"
+    header = "| concept | images | edit_success | fidelity | shape | pattern | background | outline |"
     assert lines[0] == header
-    assert lines[2] == f"| {SPEC['name']} | 2 | 0.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |"
+    assert lines[2] == f"| {SPEC['name']} | 2 | 0.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |"
 
 
 def test_mask_ops():

@@ -47,6 +47,17 @@ def test_caption_options(folder):
     assert [mixed[i]["caption"].endswith(f"* with {PER_IMAGE_TOKENS[i]}") for i in range(2)] == [True, True]
 
 
+def test_class_texts_name_each_image_before_the_placeholder(folder):
+    (folder / "words.json").write_text('{"a.png": "green", "b.jpg": "blue"}')
+    for class_texts in ("words.json", {"a.png": "green", "b.jpg": "blue"}):
+        data = PersonalizedBase(str(folder), class_texts=class_texts, templates=["a photo of a {}"])
+        assert [data[i]["caption"] for i in range(4)] == ["a photo of a green *", "a photo of a blue *"] * 2
+    with pytest.raises(ValueError, match="no words for b.jpg"):
+        PersonalizedBase(str(folder), class_texts={"a.png": "green"})
+    with pytest.raises(FileNotFoundError, match="missing.json.*class_texts=null"):
+        PersonalizedBase(str(folder), class_texts="missing.json")
+
+
 def test_templates_option(folder):
     from ldm.data.shapes_palette import TEMPLATES
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ldm.data.shapes_concepts import CONCEPT_ATTRIBUTES, CONCEPT_TUPLES, CONCEPTS, concept_key
-from ldm.data.shapes_palette import ATTRIBUTES, NAMED, SCENE_PHRASE, SCENES, TEMPLATES, UNNAMED, VALUES
+from ldm.data.shapes_palette import NAMED, SCENE_PHRASE, SCENES, TEMPLATES, UNNAMED, VALUES
 from ldm.data.shapes_readers import read_attributes
 from ldm.data.shapes_world import ShapesWorld, caption, render, sample_attributes, write_concept_dataset
 
@@ -94,34 +94,40 @@ def test_named_words_are_single_bert_tokens():
         assert tokenizer.tokenize(word) == [word]
 
 
-def test_concepts_are_valid_and_edits_name_another_colour():
+def test_concepts_are_valid_and_edits_name_the_colours_the_images_do_not_show():
     assert len(CONCEPTS) >= 4 and len(CONCEPT_TUPLES) == len(CONCEPTS)
     for concept in CONCEPTS:
-        attrs = concept["attributes"]
-        assert set(attrs) == set(ATTRIBUTES) and all(attrs[a] in VALUES[a] for a in attrs)
+        attrs, colours = concept["attributes"], concept["image_colours"]
+        assert tuple(attrs) == CONCEPT_ATTRIBUTES and all(attrs[a] in VALUES[a] for a in attrs)
         assert concept_key(attrs) in CONCEPT_TUPLES and tuple(CONCEPT_ATTRIBUTES) == ("shape",) + UNNAMED
         assert concept["init_word"] == attrs["shape"]
+        assert len(set(colours)) == len(colours) == 4 and set(colours) <= set(VALUES["colour"])
+        edited = [edit["value"] for edit in concept["edits"]]
+        assert len(edited) == 2 and set(edited) | set(colours) == set(VALUES["colour"])
         for edit in concept["edits"]:
             assert "*" in edit["prompt"] and edit["value"] in edit["prompt"].split()
-            assert edit["attribute"] == "colour" and edit["value"] in VALUES["colour"]
-            assert edit["value"] != attrs["colour"]
+            assert edit["attribute"] == "colour"
+
+
+def _check_concept_folder(folder, concept, n_images):
+    pngs = sorted(p for p in os.listdir(folder) if p.endswith(".png"))
+    assert pngs == [f"{k:02d}.png" for k in range(n_images)]
+    images = [np.asarray(Image.open(os.path.join(folder, p)).convert("RGB")) for p in pngs]
+    assert images[0].shape == (32, 32, 3)
+    colours = [concept["image_colours"][k % 4] for k in range(n_images)]
+    assert [read_attributes(img) for img in images] == [{**concept["attributes"], "colour": c} for c in colours]
+    assert len({img.tobytes() for img in images}) == n_images  # size and position vary
+    with open(os.path.join(folder, "concept.json")) as f:
+        assert json.load(f) == concept
+    with open(os.path.join(folder, "class_texts.json")) as f:
+        assert json.load(f) == dict(zip(pngs, colours))
 
 
 def test_write_concept_dataset(tmp_path):
     write_concept_dataset(CONCEPTS[1], str(tmp_path), n_images=3, seed=5)
-    pngs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".png"))
-    assert pngs == ["00.png", "01.png", "02.png"]
-    images = [np.asarray(Image.open(tmp_path / p)) for p in pngs]
-    assert images[0].shape == (32, 32, 3)
-    assert all(read_attributes(img) == CONCEPTS[1]["attributes"] for img in images)
-    assert len({img.tobytes() for img in images}) == 3  # size and position vary
-    with open(tmp_path / "concept.json") as f:
-        assert json.load(f) == CONCEPTS[1]
+    _check_concept_folder(str(tmp_path), CONCEPTS[1], 3)
 
 
 def test_shipped_concept_folders_match_the_specs():
     for concept in CONCEPTS:
-        folder = os.path.join(REPO, "dataset", concept["name"])
-        with open(os.path.join(folder, "concept.json")) as f:
-            assert json.load(f) == concept
-        assert sum(p.endswith(".png") for p in os.listdir(folder)) == 5
+        _check_concept_folder(os.path.join(REPO, "dataset", concept["name"]), concept, 5)

@@ -1,4 +1,6 @@
 """Textual-inversion training images of one object, captioned with prompt templates around the placeholder."""
+import json
+import os
 import random
 
 from torch.utils.data import Dataset
@@ -72,14 +74,37 @@ def resolve_templates(templates):
     return templates
 
 
+def _class_texts(class_texts, data_root, image_paths):
+    """{file name: words} or a JSON file name in data_root -> list of words per image path (or None)."""
+    if class_texts is None:
+        return None
+    if isinstance(class_texts, str):
+        path = os.path.join(data_root, class_texts)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"class_texts file '{path}' does not exist: write a JSON object "
+                                    '{"<image file>": "<words before the placeholder>"} there, '
+                                    "or set data.params.train.params.class_texts=null")
+        with open(path) as f:
+            class_texts = json.load(f)
+    names = [os.path.basename(p) for p in image_paths]
+    missing = [n for n in names if n not in class_texts]
+    if missing:
+        raise ValueError(f"class_texts has no words for {', '.join(missing[:3])}: give every image in "
+                         f"'{data_root}' an entry")
+    return [str(class_texts[n]) for n in names]
+
+
 class PersonalizedBase(Dataset):
     """Items `{"image": (H, W, 3) float32 in [-1, 1], "caption": str}` from the images in `data_root`.
 
     Length is n_images * repeats for set="train", n_images otherwise. With per_image_tokens, a
     caption names image i's own token with probability mixing_prob; coarse_class_text is put
-    before the placeholder ("dog *"). `templates` replaces the class's caption templates: a list of
-    strings with one "{}", or the dotted name of such a tuple (a world whose text encoder never
-    saw the ImageNet templates' words uses its own, e.g. ldm.data.shapes_palette.TEMPLATES).
+    before the placeholder ("dog *"); class_texts does the same per image: {file name: words}, or the
+    name of a JSON file of that mapping in data_root (images in several colours, each captioned with its
+    own colour word, "a photo of a green *", so that the placeholder need not carry the colour).
+    `templates` replaces the class's caption templates: a list of strings with one "{}", or the dotted
+    name of such a tuple (a world whose text encoder never saw the ImageNet templates' words uses its
+    own, e.g. ldm.data.shapes_palette.TEMPLATES).
     """
 
     templates = IMAGENET_TEMPLATES_SMALL
@@ -87,7 +112,7 @@ class PersonalizedBase(Dataset):
 
     def __init__(self, data_root, size=None, repeats=100, interpolation="bicubic", flip_p=0.5, set="train",
                  placeholder_token="*", per_image_tokens=False, center_crop=False, mixing_prob=0.25,
-                 coarse_class_text=None, templates=None):
+                 coarse_class_text=None, class_texts=None, templates=None):
         if set not in SPLITS:
             raise ValueError(f"unknown set '{set}': use one of {', '.join(SPLITS)}")
         self.image_paths = list_images(data_root)
@@ -106,6 +131,7 @@ class PersonalizedBase(Dataset):
         self.center_crop = center_crop
         self.mixing_prob = mixing_prob
         self.coarse_class_text = coarse_class_text
+        self.class_texts = _class_texts(class_texts, data_root, self.image_paths)
         if templates is not None:
             self.templates = resolve_templates(templates)
 
@@ -116,6 +142,8 @@ class PersonalizedBase(Dataset):
         subject = self.placeholder_token
         if self.coarse_class_text:
             subject = f"{self.coarse_class_text} {subject}"
+        if self.class_texts:
+            subject = f"{self.class_texts[image_index]} {subject}"
         if self.per_image_tokens and random.random() < self.mixing_prob:
             return random.choice(self.dual_templates).format(subject, PER_IMAGE_TOKENS[image_index])
         return random.choice(self.templates).format(subject)

@@ -96,18 +96,26 @@ class ShapesWorld(Dataset):
         return {"image": image.astype(np.float32) / 127.5 - 1.0, "caption": caption(attrs, scene, rng)}
 
 
-def write_concept_dataset(concept, folder, n_images=5, seed=0):
-    """Write n_images renders of `concept` as NN.png plus concept.json into `folder`.
+CLASS_TEXTS = "class_texts.json"
 
-    Every attribute is the concept's; size and position vary from image to image.
+
+def write_concept_dataset(concept, folder, n_images=5, seed=0):
+    """Write n_images renders of `concept` as NN.png, their colour words as class_texts.json, and concept.json.
+
+    Image k shows the concept in concept["image_colours"][k % 4]; size and position vary from image to image.
     """
     os.makedirs(folder, exist_ok=True)
+    colours = concept["image_colours"]
+    class_texts = {}
     for k in range(n_images):
-        image = render(concept["attributes"], np.random.default_rng([seed, k]))
-        Image.fromarray(image).save(os.path.join(folder, f"{k:02d}.png"))
-    with open(os.path.join(folder, "concept.json"), "w") as f:
-        json.dump(concept, f, indent=2)
-        f.write("\n")
+        name, colour = f"{k:02d}.png", colours[k % len(colours)]
+        image = render({**concept["attributes"], "colour": colour}, np.random.default_rng([seed, k]))
+        Image.fromarray(image).save(os.path.join(folder, name))
+        class_texts[name] = colour
+    for file_name, content in ((CLASS_TEXTS, class_texts), ("concept.json", concept)):
+        with open(os.path.join(folder, file_name), "w") as f:
+            json.dump(content, f, indent=2)
+            f.write("\n")
 
 
 def labelled_grid(n=48, columns=8, seed=0, scale=4):
