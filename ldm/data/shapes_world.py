@@ -102,7 +102,8 @@ CLASS_TEXTS = "class_texts.json"
 def write_concept_dataset(concept, folder, n_images=5, seed=0):
     """Write n_images renders of `concept` as NN.png, their colour words as class_texts.json, and concept.json.
 
-    Image k shows the concept in concept["image_colours"][k % 4]; size and position vary from image to image.
+    Image k shows the concept in its k-th image colour, cycling through concept["image_colours"]; size and
+    position vary from image to image.
     """
     os.makedirs(folder, exist_ok=True)
     colours = concept["image_colours"]
