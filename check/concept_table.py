@@ -30,9 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from check.clip_similarity import ClipImageSimilarity  # noqa: E402
 from check.concept_eval import evaluate_concept, format_table  # noqa: E402
 from ldm.data.images import list_images, load_rgb  # noqa: E402
+from ldm.data.shapes_draw import CANVAS  # noqa: E402
 from ldm.data.shapes_palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES  # noqa: E402
 from ldm.data.shapes_readers import read_attributes  # noqa: E402
-from ldm.models.diffusion.sampling import SAMPLERS, sample_latents  # noqa: E402
+from ldm.models.diffusion.sampling import SAMPLERS  # noqa: E402
 from load import load_model_from_config  # noqa: E402
 
 MODEL_DIR = "models/ldm/tiny-shapes"
@@ -53,19 +54,18 @@ def train_concept(spec, weights, logdir, extra=(), overlays=(), model="ldm"):
 
 
 def make_sampler(model, steps, scale, seed, sampler="ddim"):
-    """generate(prompt, n) -> list of uint8 (32, 32, 3), batched, seeded per prompt.
+    """generate(prompt, n) -> list of uint8 (32, 32, 3), batched, seeded per prompt, through txt2img's code path.
 
     Diffusion models sample with `sampler` in `steps`; autoregressive ones sample every code (steps unused).
     """
+    import txt2img
+
+    opt = txt2img.get_parser().parse_args(["--ddim_steps", str(steps), "--scale", str(scale), "--sampler", sampler,
+                                           "--H", str(CANVAS), "--W", str(CANVAS)])
+
     def generate(prompt, n):
         g = torch.Generator().manual_seed(seed)
-        if hasattr(model, "sample_images"):
-            x = model.sample_images([prompt] * n, scale=scale, generator=g)
-        else:
-            z = sample_latents(model, [prompt] * n, (n, model.channels, model.image_size, model.image_size),
-                               steps=steps, scale=scale, sampler=sampler, generator=g)
-            x = model.decode_first_stage(z).clamp(-1, 1)
-        return list(((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+        return txt2img.to_uint8(txt2img.sample_batch(model, [prompt] * n, opt, g))
     return generate
 
 
