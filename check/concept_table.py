@@ -4,24 +4,32 @@
     python check/concept_table.py --captions           # also: does the pretrained model follow captions?
     python check/concept_table.py --captions --concepts   # only that (no concept, no TI)
     python check/concept_table.py --korean             # the same embeddings, prompted in Korean through v2
-    python check/concept_table.py --model ar --embeddings outputs/ar_embeddings   # the autoregressive model
+    python check/concept_table.py --model ar             # the autoregressive model
     python check/concept_table.py --model ar model.params.personalization_config.params.injection=output
+    python check/concept_table.py --seeds 23 1 2 --jobs 2   # three TI runs per concept, two at a time
 
-For each `dataset/<concept>/` a TI embedding is trained with the default settings
-(configs/tiny-shapes/finetune.yaml) unless `<embeddings>/<concept>.pt` exists, then n samples of
+For each `dataset/<concept>/` and each TI seed a TI embedding is trained with the default settings
+(configs/tiny-shapes/finetune.yaml) unless `<embeddings>/<concept>_seed<seed>.pt` exists, then n samples of
 "a photo of a *" and of each edit prompt are read analytically (check/concept_eval.py), beside the
-init-word baseline. Prints a markdown table; `--out` also writes it to a file. With `--korean` every
+init-word baseline (sampled once: it does not depend on the TI seed). With several seeds the `*` row holds
+the means over the seeds and each seed's fidelity and editability; a last line counts the concepts that
+meet the targets by those means (diffusion: fidelity >= 0.6 and >= 3x the baseline, editability >= 0.5;
+autoregressive: fidelity above zero and >= 2x the baseline). Prints
+markdown; `--out` also writes it to a file. With `--korean` every
 prompt is translated (improvement/v2/corpus.py) and conditions the model through the v2 conditioner
 (configs/improvement/v2.yaml); the embeddings are the same English-trained files.
 """
 import argparse
+import concurrent.futures
 import datetime
 import glob
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -40,17 +48,24 @@ MODEL_DIR = "models/ldm/tiny-shapes"
 FINETUNE = "configs/tiny-shapes/finetune.yaml"
 MODELS = {"ldm": (MODEL_DIR, FINETUNE), "ar": ("models/ar/tiny-shapes", "configs/ar-shapes/finetune.yaml")}
 V2 = "configs/improvement/v2.yaml"
+# the issue targets per model: (fidelity at least, and at least this many times the baseline's; editability)
+TARGETS = {"ldm": (0.6, 3.0, 0.5), "ar": (0.0, 2.0, None)}
 
 
-def train_concept(spec, weights, logdir, extra=(), overlays=(), model="ldm"):
-    """Run train_new.py's code path (default TI settings + `overlays` + key=value `extra`) on dataset/<concept>."""
+def train_concept(spec, weights, logdir, extra=(), overlays=(), model="ldm", seed=None):
+    """Run train_new.py's code path (default TI settings + `overlays` + key=value `extra`) on dataset/<concept>.
+
+    With `seed` the run uses it (train_new.py's --seed) and its folder name ends in _seed<seed>.
+    """
     import train_new
 
     model_dir, finetune = MODELS[model]
+    name = spec["name"] + (f"_seed{seed}" if seed is not None else "")
     os.environ.pop("LDM_RUN_STAMP", None)
     return train_new.main(["--base", f"{model_dir}/config.yaml", finetune, *overlays, "-t", "--actual_resume",
-                           weights, "-n", spec["name"], "--data_root", os.path.join("dataset", spec["name"]),
-                           "--init_word", spec["init_word"], "--placeholder_string", "*", "-l", logdir, *extra])
+                           weights, "-n", name, "--data_root", os.path.join("dataset", spec["name"]),
+                           "--init_word", spec["init_word"], "--placeholder_string", "*", "-l", logdir, *extra,
+                           *(["--seed", str(seed)] if seed is not None else [])])
 
 
 def make_sampler(model, steps, scale, seed, sampler="ddim"):
@@ -112,19 +127,88 @@ def load_specs(names=None):
     return [s for s in specs if names is None or s["name"] in names]
 
 
+def embedding_path(folder, spec, seed):
+    return os.path.join(folder, f"{spec['name']}_seed{seed}.pt")
+
+
+def _train_worker(spec, weights, logdir, extra, model, seed, threads=None):
+    """One TI run (in this process, or in a pool worker with `threads` torch threads) -> its run folder."""
+    if threads:
+        torch.set_num_threads(threads)
+    with torch.enable_grad():
+        return train_concept(spec, weights, logdir, extra, model=model, seed=seed).logdir
+
+
+def _finished_runs(calls, jobs):
+    """Yield (index, run folder) of each _train_worker call as it finishes, `jobs` at a time."""
+    if jobs == 1:
+        for k, call in enumerate(calls):
+            yield k, _train_worker(*call)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        runs = {pool.submit(_train_worker, *call, threads): k for k, call in enumerate(calls)}
+        for run in concurrent.futures.as_completed(runs):
+            yield runs[run], run.result()
+
+
+def train_missing(specs, weights, args):
+    """Train every (concept, seed) whose embedding file is missing; each is kept as soon as its run ends."""
+    todo = [(spec, seed) for spec in specs for seed in args.seeds
+            if not os.path.exists(embedding_path(args.embeddings, spec, seed))]
+    calls = [(spec, weights, args.logdir, args.train_overrides, args.model, seed) for spec, seed in todo]
+    for k, logdir in _finished_runs(calls, args.jobs):
+        out = embedding_path(args.embeddings, *todo[k])
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        shutil.copyfile(os.path.join(logdir, "checkpoints", "embeddings.pt"), out)
+
+
+def seed_mean(scores):
+    """The mean of evaluate_concept's "pseudo_word" scores over seeds, with each seed's fidelity/editability."""
+    mean = {"word": scores[0]["word"], "by_seed": [(s["fidelity"], s["editability"]) for s in scores]}
+    for key in ("fidelity", "editability", "image_similarity"):
+        if key in scores[0]:
+            mean[key] = float(np.mean([s[key] for s in scores]))
+    mean["per_attribute"] = {a: float(np.mean([s["per_attribute"][a] for s in scores]))
+                             for a in scores[0]["per_attribute"]}
+    return mean
+
+
+def concept_row(spec, scores, seeds, clip):
+    """One table row of a concept's `*` (seed means) or baseline scores."""
+    row = {"concept": spec["name"], "prompt word": scores["word"], "fidelity": scores["fidelity"],
+           "editability": scores["editability"]}
+    if len(seeds) > 1:
+        by_seed = scores.get("by_seed")
+        row["fidelity by seed"] = " / ".join(f"{f:.3f}" for f, _ in by_seed) if by_seed else "-"
+        row["editability by seed"] = " / ".join(f"{e:.3f}" for _, e in by_seed) if by_seed else "-"
+    row.update(scores["per_attribute"])
+    if clip is not None:
+        row["CLIP image sim"] = scores["image_similarity"]
+    return row
+
+
+def target_summary(pairs, model):
+    """One line: how many concepts meet `model`'s targets (TARGETS); pairs: [(ti, baseline) scores]."""
+    least, factor, edit_least = TARGETS[model]
+    fid = sum(t["fidelity"] >= least and t["fidelity"] >= factor * b["fidelity"] and t["fidelity"] > 0
+              for t, b in pairs)
+    line = f"Targets: fidelity >= {least:g} and >= {factor:g}x the baseline on {fid} of {len(pairs)} concepts"
+    if edit_least is not None:
+        line += f", editability >= {edit_least:g} on {sum(t['editability'] >= edit_least for t, _ in pairs)}"
+        line += f" of {len(pairs)}"
+    means = (float(np.mean([t[k] for t, _ in pairs])) for k in ("fidelity", "editability"))
+    return line + "; mean fidelity {:.3f}, mean editability {:.3f}.".format(*means)
+
+
 def tables(args):
     """Train what is missing, then the markdown of every table `args` asks for."""
 
     specs = load_specs(args.concepts)
     model_dir, finetune = MODELS[args.model]
     weights = args.weights or f"{model_dir}/model.safetensors"
-    for spec in specs:
-        out = os.path.join(args.embeddings, f"{spec['name']}.pt")
-        if not os.path.exists(out):
-            with torch.enable_grad():
-                run = train_concept(spec, weights, args.logdir, args.train_overrides, model=args.model)
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            shutil.copyfile(os.path.join(run.logdir, "checkpoints", "embeddings.pt"), out)
+    train_missing(specs, weights, args)
 
     configs = [f"{model_dir}/config.yaml", finetune] + ([V2] if args.korean else [])
     model_overrides = OmegaConf.from_dotlist([o for o in args.train_overrides if o.startswith("model.")])
@@ -146,22 +230,23 @@ def tables(args):
         sections.append("Scene words leaning their unnamed attribute (chance: 1/3 pattern and outline, "
                         "1/4 background):\n\n" + format_table(scenes))
     clip = ClipImageSimilarity(args.clip) if args.clip else None
-    rows = []
+    rows, pairs = [], []
     for spec in specs:
-        model.embedding_manager.load(os.path.join(args.embeddings, f"{spec['name']}.pt"))
         image_score = None
         if clip is not None:
             references = [load_rgb(p) for p in list_images(os.path.join("dataset", spec["name"]))]
             image_score = clip.against(references)
-        result = evaluate_concept(generate, spec, n=args.n, image_score=image_score)
-        for key in ("pseudo_word", "init_word"):
-            s = result[key]
-            rows.append({"concept": spec["name"], "prompt word": s["word"], "fidelity": s["fidelity"],
-                         "editability": s["editability"],
-                         **{a: v for a, v in s["per_attribute"].items()},
-                         **({"CLIP image sim": s["image_similarity"]} if clip is not None else {})})
+        per_seed = []
+        for k, seed in enumerate(args.seeds):
+            model.embedding_manager.load(embedding_path(args.embeddings, spec, seed))
+            per_seed.append(evaluate_concept(generate, spec, n=args.n, baseline=k == 0, image_score=image_score))
+        ti, baseline = seed_mean([r["pseudo_word"] for r in per_seed]), per_seed[0]["init_word"]
+        rows += [concept_row(spec, ti, args.seeds, clip), concept_row(spec, baseline, args.seeds, clip)]
+        pairs.append((ti, baseline))
     if rows:
-        sections.append("Textual inversion (`*`) vs the init-word baseline:\n\n" + format_table(rows))
+        seeds = f" (means over TI seeds {', '.join(map(str, args.seeds))})" if len(args.seeds) > 1 else ""
+        sections.append(f"Textual inversion (`*`) vs the init-word baseline{seeds}:\n\n" + format_table(rows))
+        sections.append(target_summary(pairs, args.model))
     return "\n\n".join(sections)
 
 
@@ -169,7 +254,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all in dataset/)")
     p.add_argument("--embeddings", default=None,
-                   help="folder of <concept>.pt files (default: outputs/concept_embeddings, _ar for --model ar)")
+                   help="folder of <concept>_seed<seed>.pt files (default: outputs/concept_embeddings, _ar for --model ar)")
     p.add_argument("--logdir", default="logs/concepts", help="parent folder of the TI runs")
     p.add_argument("--model", default="ldm", choices=sorted(MODELS),
                    help="ldm: the latent-diffusion tiny model; ar: the autoregressive one (models/ar/tiny-shapes)")
@@ -187,6 +272,10 @@ def main(argv=None):
                    help="local CLIP model folder: adds the paper's image-image similarity (skipped without it)")
     p.add_argument("--korean", action="store_true",
                    help="prompt in Korean through the v2 conditioner (configs/improvement/v2.yaml)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[23],
+                   help="TI seeds: one TI run per concept and seed, scores averaged (default: train_new.py's 23)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="TI runs trained at a time, each in its own process with cores/jobs threads")
     p.add_argument("--out", default=None, help="write the tables (markdown) here too")
     p.add_argument("train_overrides", nargs="*", help="key=value overrides for the TI runs")
     args = p.parse_args(argv)

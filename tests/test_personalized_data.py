@@ -58,6 +58,21 @@ def test_class_texts_name_each_image_before_the_placeholder(folder):
         PersonalizedBase(str(folder), class_texts="missing.json")
 
 
+def test_class_text_p_leaves_the_words_out_of_a_share_of_captions(folder):
+    import random
+
+    words = {"a.png": "green", "b.jpg": "blue"}
+    random.seed(0)
+    half = PersonalizedBase(str(folder), class_texts=words, class_text_p=0.5, templates=["a photo of a {}"])
+    captions = [half[i]["caption"] for i in range(400)]
+    assert set(captions) == {"a photo of a *", "a photo of a green *", "a photo of a blue *"}
+    assert 150 < captions.count("a photo of a *") < 250
+    never = PersonalizedBase(str(folder), class_texts=words, class_text_p=0.0, templates=["a photo of a {}"])
+    assert {never[i]["caption"] for i in range(20)} == {"a photo of a *"}
+    with pytest.raises(ValueError, match="class_text_p=1.5 is not a probability"):
+        PersonalizedBase(str(folder), class_texts=words, class_text_p=1.5)
+
+
 def test_templates_option(folder):
     from ldm.data.shapes_palette import TEMPLATES
 

@@ -39,11 +39,47 @@ def test_concept_table_runs_end_to_end(tmp_path, monkeypatch, capsys):
     concept_table.main(["--concepts", "checker_circle", "--embeddings", str(tmp_path / "emb"), "--n", "2",
                         "--ddim_steps", "2", "--sampler", "dpmpp_2m", "--out", str(tmp_path / "table.md"),
                         "--logdir", str(tmp_path / "logs"), "lightning.trainer.max_steps=2"])
-    assert (tmp_path / "emb" / "checker_circle.pt").exists()
+    assert (tmp_path / "emb" / "checker_circle_seed23.pt").exists()
     table = (tmp_path / "table.md").read_text()
     assert "dpmpp_2m 2 steps" in table
     rows = [line for line in table.splitlines() if line.startswith("| checker_circle |")]
     assert [r.split(" | ")[1] for r in rows] == ["*", "circle"]
+    assert "Targets: fidelity >= 0.6 and >= 3x the baseline on" in table
+
+
+def test_concept_table_trains_each_seed_in_parallel_and_averages(tmp_path, monkeypatch):
+    """--seeds trains one embedding per seed (two worker processes), and the `*` row is their mean."""
+    from check import concept_table
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    emb = tmp_path / "emb"
+    concept_table.main(["--concepts", "solid_square", "--embeddings", str(emb), "--n", "2", "--ddim_steps", "2",
+                        "--seeds", "1", "2", "--jobs", "2", "--out", str(tmp_path / "table.md"),
+                        "--logdir", str(tmp_path / "logs"), "lightning.trainer.max_steps=3"])
+    first, second = (torch.load(emb / f"solid_square_seed{s}.pt", weights_only=True)["string_to_param"]["*"]
+                     for s in (1, 2))
+    assert not torch.equal(first, second)  # the seed reached the training
+    runs = sorted(os.listdir(tmp_path / "logs"))
+    assert len(runs) == 2 and runs[0].endswith("_seed1") and runs[1].endswith("_seed2")
+    header, star, baseline = [line for line in (tmp_path / "table.md").read_text().splitlines()
+                                 if line.startswith("| ")][:3]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    star, baseline = ([c.strip() for c in row.strip("|").split("|")] for row in (star, baseline))
+    by_seed = [float(v) for v in star[columns.index("fidelity by seed")].split(" / ")]
+    assert len(by_seed) == 2 and abs(float(star[columns.index("fidelity")]) - sum(by_seed) / 2) < 1e-3
+    assert baseline[columns.index("fidelity by seed")] == "-"
+
+
+def test_target_summary_counts_concepts_meeting_the_targets():
+    from check.concept_table import target_summary
+
+    def scores(f, e):
+        return {"fidelity": f, "editability": e}
+    pairs = [(scores(0.7, 0.6), scores(0.2, 0)), (scores(0.7, 0.4), scores(0.3, 0)), (scores(0.5, 0.9), scores(0, 0))]
+    line = target_summary(pairs, "ldm")
+    assert "baseline on 1 of 3 concepts, editability >= 0.5 on 2 of 3" in line
+    assert "mean fidelity 0.633, mean editability 0.633" in line
+    assert "on 3 of 3 concepts;" in target_summary(pairs, "ar")
 
 
 def test_autoregressive_checkpoint_loads_strictly_and_samples():

@@ -101,7 +101,9 @@ class PersonalizedBase(Dataset):
     caption names image i's own token with probability mixing_prob; coarse_class_text is put
     before the placeholder ("dog *"); class_texts does the same per image: {file name: words}, or the
     name of a JSON file of that mapping in data_root (images in several colours, each captioned with its
-    own colour word, "a photo of a green *", so that the placeholder need not carry the colour).
+    own colour word, "a photo of a green *", so that the placeholder need not carry the colour); with
+    class_text_p < 1 only that share of captions carries the words and the rest name the placeholder alone,
+    so that the placeholder also works without them ("a photo of a *").
     `templates` replaces the class's caption templates: a list of strings with one "{}", or the dotted
     name of such a tuple (a world whose text encoder never saw the ImageNet templates' words uses its
     own, e.g. ldm.data.shapes_palette.TEMPLATES).
@@ -112,9 +114,11 @@ class PersonalizedBase(Dataset):
 
     def __init__(self, data_root, size=None, repeats=100, interpolation="bicubic", flip_p=0.5, set="train",
                  placeholder_token="*", per_image_tokens=False, center_crop=False, mixing_prob=0.25,
-                 coarse_class_text=None, class_texts=None, templates=None):
+                 coarse_class_text=None, class_texts=None, class_text_p=1.0, templates=None):
         if set not in SPLITS:
             raise ValueError(f"unknown set '{set}': use one of {', '.join(SPLITS)}")
+        if not 0.0 <= class_text_p <= 1.0:
+            raise ValueError(f"class_text_p={class_text_p} is not a probability: give a value in [0, 1]")
         self.image_paths = list_images(data_root)
         for path in self.image_paths:
             load_rgb(path)  # a corrupt file fails here, naming itself, not mid-training
@@ -132,6 +136,7 @@ class PersonalizedBase(Dataset):
         self.mixing_prob = mixing_prob
         self.coarse_class_text = coarse_class_text
         self.class_texts = _class_texts(class_texts, data_root, self.image_paths)
+        self.class_text_p = class_text_p
         if templates is not None:
             self.templates = resolve_templates(templates)
 
@@ -142,7 +147,7 @@ class PersonalizedBase(Dataset):
         subject = self.placeholder_token
         if self.coarse_class_text:
             subject = f"{self.coarse_class_text} {subject}"
-        if self.class_texts:
+        if self.class_texts and (self.class_text_p == 1.0 or random.random() < self.class_text_p):
             subject = f"{self.class_texts[image_index]} {subject}"
         if self.per_image_tokens and random.random() < self.mixing_prob:
             return random.choice(self.dual_templates).format(subject, PER_IMAGE_TOKENS[image_index])
