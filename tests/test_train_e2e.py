@@ -101,6 +101,24 @@ def test_embedding_changes_the_conditioning_only_through_the_placeholder(trained
     assert not torch.allclose(with_emb, without)
 
 
+def test_the_regulariser_pulls_the_vector_towards_its_init_word(trained):
+    """embedding_reg_weight w adds w ||v - v0||^2 to the loss, so its gradient is 2 w (v - v0)."""
+    model = trained.model
+    vector, initial = model.embedding_manager.string_to_param_dict["*"], model.embedding_manager.initial_embeddings["*"]
+    distance = ((vector - initial) ** 2).sum().item()
+    assert distance > 0, "the trained vector is still at its init word"
+    saved_weight, model.embedding_reg_weight = model.embedding_reg_weight, 0.5
+    try:
+        loss, logs = model.add_embedding_regulariser(torch.tensor(1.0), {})
+        assert loss.item() == pytest.approx(1.0 + 0.5 * distance, rel=1e-5)
+        assert logs["loss_embedding_reg"].item() == pytest.approx(distance, rel=1e-5)
+        vector.grad = None
+        loss.backward()
+        torch.testing.assert_close(vector.grad, (vector - initial).detach())
+    finally:
+        model.embedding_reg_weight, vector.grad = saved_weight, None
+
+
 @pytest.mark.parametrize("placeholder", ["*", "<my-thing>"])
 def test_the_vector_starts_from_the_loaded_checkpoint(ckpt, placeholder):
     """The init word's row of the *pretrained* text encoder, not of the randomly initialised one."""
