@@ -14,10 +14,9 @@ For each `dataset/<concept>/` and each TI seed a TI embedding is trained with th
 init-word baseline (sampled once: it does not depend on the TI seed). With several seeds the `*` row holds
 the means over the seeds and each seed's fidelity and editability; a last line counts the concepts that
 meet the targets by those means (diffusion: fidelity >= 0.6 and >= 3x the baseline, editability >= 0.5;
-autoregressive: fidelity above zero and >= 2x the baseline). Prints
-markdown; `--out` also writes it to a file. With `--korean` every
-prompt is translated (improvement/v2/corpus.py) and conditions the model through the v2 conditioner
-(configs/improvement/v2.yaml); the embeddings are the same English-trained files.
+autoregressive: fidelity above zero and >= 2x the baseline). Prints markdown; `--out` also writes it to a
+file. With `--korean` every prompt is translated (improvement/v2/corpus.py) and conditions the model through
+the v2 conditioner (configs/improvement/v2.yaml); the embeddings are the same English-trained files.
 """
 import argparse
 import concurrent.futures
@@ -254,7 +253,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all in dataset/)")
     p.add_argument("--embeddings", default=None,
-                   help="folder of <concept>_seed<seed>.pt files (default: outputs/concept_embeddings, _ar for --model ar)")
+                   help="folder of <concept>_seed<seed>.pt files "
+                        "(default: outputs/concept_embeddings, _ar for --model ar)")
     p.add_argument("--logdir", default="logs/concepts", help="parent folder of the TI runs")
     p.add_argument("--model", default="ldm", choices=sorted(MODELS),
                    help="ldm: the latent-diffusion tiny model; ar: the autoregressive one (models/ar/tiny-shapes)")
