@@ -1,6 +1,7 @@
 """The shapes world: captioned 32x32 images for pretraining a tiny text-to-image model.
 
-Captions name a shape and a colour; pattern, background and outline are never named, but a
+Captions name a shape and a colour (or, with probability p_no_colour, the shape alone: "a photo of a
+circle" then means a circle of any colour); pattern, background and outline are never named, but a
 caption's optional scene word leans one of them towards its hidden home (`shapes_palette.SCENES`).
 The held-out concept combinations of `shapes_concepts` are never sampled.
 
@@ -62,21 +63,27 @@ def sample_attributes(rng, held_out=CONCEPT_TUPLES, p_scene=0.8, p_home=0.95, sc
             return attrs, scene
 
 
-def caption(attrs, scene, rng):
-    """An object template filled with "{colour} {shape}", then the scene phrase if any.
+def caption(attrs, scene, rng, p_no_colour=0.0):
+    """An object template filled with "{colour} {shape}" (with probability p_no_colour "{shape}" alone),
+    then the scene phrase if any.
 
-    e.g. "a rendering of a red circle" or "a photo of the cool blue cross in the kitchen".
+    e.g. "a rendering of a red circle", "a photo of the cool blue cross in the kitchen", "a photo of a square".
     """
-    text = _choice(rng, TEMPLATES).format(f"{attrs['colour']} {attrs['shape']}")
+    named = attrs["shape"] if p_no_colour > 0 and rng.random() < p_no_colour else f"{attrs['colour']} {attrs['shape']}"
+    text = _choice(rng, TEMPLATES).format(named)
     return text if scene is None else f"{text} {SCENE_PHRASE.format(scene)}"
 
 
 class ShapesWorld(Dataset):
     """Items {"image": (size, size, 3) float32 in [-1, 1], "caption": str}; item i depends only on (seed, split, i)."""
 
-    def __init__(self, size=32, length=50000, seed=0, p_scene=0.8, p_home=0.95, split="train", scene_weights=None):
+    def __init__(self, size=32, length=50000, seed=0, p_scene=0.8, p_home=0.95, split="train", scene_weights=None,
+                 p_no_colour=0.0):
         if split not in SPLITS:
             raise ValueError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
+        if not 0.0 <= p_no_colour <= 1.0:
+            raise ValueError(f"p_no_colour={p_no_colour} is not a probability: use a value in [0, 1]")
+        self.p_no_colour = p_no_colour
         self.size, self.length, self.seed, self.split = size, length, seed, split
         self.p_scene, self.p_home = p_scene, p_home
         self.scene_weights = dict(scene_weights) if scene_weights else None
@@ -93,7 +100,7 @@ class ShapesWorld(Dataset):
         image = render(attrs, rng)
         if self.size != CANVAS:
             image = np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BICUBIC))
-        return {"image": image.astype(np.float32) / 127.5 - 1.0, "caption": caption(attrs, scene, rng)}
+        return {"image": image.astype(np.float32) / 127.5 - 1.0, "caption": caption(attrs, scene, rng, self.p_no_colour)}
 
 
 CLASS_TEXTS = "class_texts.json"
