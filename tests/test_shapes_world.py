@@ -87,10 +87,10 @@ def test_captions_name_only_shape_colour_and_scene():
 def test_p_no_colour_drops_only_the_colour_word_at_its_rate():
     rng = np.random.default_rng(1)
     samples = _samples(4000)
-    with_colour = [caption(a, scene, rng, p_no_colour=0.25) for a, scene in samples]
-    dropped = [a["colour"] not in text.split() for (a, _), text in zip(samples, with_colour)]
+    texts = [caption(a, scene, rng, p_no_colour=0.25) for a, scene in samples]
+    dropped = [a["colour"] not in text.split() for (a, _), text in zip(samples, texts)]
     assert abs(np.mean(dropped) - 0.25) < 0.03
-    assert all(a["shape"] in text.split() for (a, _), text in zip(samples, with_colour))
+    assert all(a["shape"] in text.split() for (a, _), text in zip(samples, texts))
     item = ShapesWorld(length=64, p_no_colour=1.0)[5]
     assert not set(item["caption"].split()) & set(VALUES["colour"])
     assert ShapesWorld(length=64)[5]["image"].tobytes() == item["image"].tobytes()  # images do not change
