@@ -3,7 +3,8 @@
 Captions name a shape and a colour (or, with probability p_no_colour, the shape alone: "a photo of a
 circle" then means a circle of any colour); pattern, background and outline are never named, but a
 caption's optional scene word leans one of them towards its hidden home (`shapes_palette.SCENES`).
-The held-out concept combinations of `shapes_concepts` are never sampled.
+The concept combinations of `shapes_concepts` are never sampled unless hold_out_concepts=False: then
+they occur at their natural rate (1 in 36 images of their shape), and still no caption reaches them.
 
     python -m ldm.data.shapes_world --write_concepts dataset/ --grid world.png
 """
@@ -78,12 +79,13 @@ class ShapesWorld(Dataset):
     """Items {"image": (size, size, 3) float32 in [-1, 1], "caption": str}; item i depends only on (seed, split, i)."""
 
     def __init__(self, size=32, length=50000, seed=0, p_scene=0.8, p_home=0.95, split="train", scene_weights=None,
-                 p_no_colour=0.0):
+                 p_no_colour=0.0, hold_out_concepts=True):
         if split not in SPLITS:
             raise ValueError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
         if not 0.0 <= p_no_colour <= 1.0:
             raise ValueError(f"p_no_colour={p_no_colour} is not a probability: use a value in [0, 1]")
         self.p_no_colour = p_no_colour
+        self.held_out = CONCEPT_TUPLES if hold_out_concepts else frozenset()
         self.size, self.length, self.seed, self.split = size, length, seed, split
         self.p_scene, self.p_home = p_scene, p_home
         self.scene_weights = dict(scene_weights) if scene_weights else None
@@ -95,7 +97,7 @@ class ShapesWorld(Dataset):
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} is outside a ShapesWorld of length {self.length}")
         rng = np.random.default_rng([self.seed, SPLITS[self.split], i])
-        attrs, scene = sample_attributes(rng, p_scene=self.p_scene, p_home=self.p_home,
+        attrs, scene = sample_attributes(rng, held_out=self.held_out, p_scene=self.p_scene, p_home=self.p_home,
                                          scene_weights=self.scene_weights)
         image = render(attrs, rng)
         if self.size != CANVAS:
