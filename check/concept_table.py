@@ -218,7 +218,7 @@ def tables(args):
         generate = in_korean(generate)
     language = ", Korean prompts through improvement v2" if args.korean else ""
     how = "every code sampled" if args.model == "ar" else f"{args.sampler} {args.ddim_steps} steps"
-    sections = [f"Measured {datetime.date.today()} on {model_dir}: n={args.n} per prompt, {how}, "
+    sections = [f"Measured {datetime.date.today()} on {weights}: n={args.n} per prompt, {how}, "
                 f"guidance {args.scale}{language}."]
     if args.captions:
         manager, model.embedding_manager = model.embedding_manager, None
