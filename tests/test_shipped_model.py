@@ -92,3 +92,14 @@ def test_autoregressive_checkpoint_loads_strictly_and_samples():
     with torch.no_grad():
         x = model.eval().sample_images(["a photo of a red circle"] * 2, generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 32, 32) and x.abs().max() <= 1
+
+
+def test_word_loss_sees_the_outline_word_on_a_concept_without_outline(capsys):
+    """check/word_loss.py: on solid_circle (no outline) "in the library" (outline none) beats "in the studio" (black)."""
+    from check import word_loss
+
+    word_loss.main(["--concept", "solid_circle", "--words", "library", "studio", "--t", "300", "500", "--noise", "2"])
+    rows = {line.split(" | ")[0].strip("| "): [float(v) for v in line.strip(" |").split(" | ")[1:]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "t=" not in line}
+    assert set(rows) == {"(no scene)", "in the library", "in the studio"}
+    assert all(lib < studio for lib, studio in zip(rows["in the library"], rows["in the studio"]))

@@ -135,3 +135,34 @@ def test_the_vector_starts_from_the_loaded_checkpoint(ckpt, placeholder):
     if placeholder != "*":
         assert model.embedding_manager(torch.tensor(model.cond_stage_model.tokenize([f"a {placeholder}"])),
                                        torch.zeros(1, 77, 32)).abs().sum() > 0
+
+
+def test_train_timesteps_limits_the_drawn_t(trained, monkeypatch):
+    """model.params.train_timesteps=[lo, hi] draws every training t from [lo, hi); the default, all of them."""
+    model = trained.model
+    assert model.train_timesteps == (0, model.num_timesteps)
+    drawn = []
+    monkeypatch.setattr(model, "p_losses", lambda z0, c, t: (drawn.append(t) or torch.tensor(0.0), {}))
+    monkeypatch.setattr(model, "train_timesteps", (400, 1000))
+    batch = next(iter(trained.trainer.datamodule.train_dataloader()))
+    for _ in range(20):
+        model.shared_step(batch)
+    t = torch.cat(drawn)
+    assert t.min() >= 400 and t.max() < 1000 and t.unique().numel() > 10
+
+
+def test_train_timesteps_p_mixes_the_range_with_all_timesteps(trained, monkeypatch):
+    """train_timesteps_p=0.5: half the draws from [400, 1000), half from all t, so 0.5 x 0.4 of them below 400."""
+    model = trained.model
+    monkeypatch.setattr(model, "train_timesteps", (400, 1000))
+    monkeypatch.setattr(model, "train_timesteps_p", 0.5)
+    torch.manual_seed(0)
+    t = model.draw_timesteps(20000, "cpu")
+    assert 0.19 < (t < 400).float().mean().item() < 0.21 and t.min() >= 0 and t.max() < 1000
+
+
+@pytest.mark.parametrize("bad", [[500, 400], [-1, 10], [0, 1001]])
+def test_train_timesteps_outside_the_schedule_is_refused(bad):
+    from ldm.models.diffusion.ddpm import _timestep_range
+    with pytest.raises(ValueError, match=r"train_timesteps=.*give \[lo, hi\]"):
+        _timestep_range(bad, 1000)

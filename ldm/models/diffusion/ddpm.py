@@ -43,7 +43,7 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
                  cond_stage_key="caption", conditioning_key="crossattn", cond_stage_trainable=False,
                  embedding_reg_weight=0.0, cond_drop_prob=0.0, latent_cache=False, channels_last=False,
                  compile=False, ckpt_path=None, ignore_keys=(), train_embedding=True, trainable_modules=None,
-                 **reference_options):
+                 train_timesteps=None, train_timesteps_p=1.0, **reference_options):
         super().__init__()
         self.reference = _ReferenceOptions(**reference_options)
         self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas,
@@ -53,6 +53,10 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
         self.scale_factor = scale_factor
         self.embedding_reg_weight, self.cond_drop_prob = embedding_reg_weight, cond_drop_prob
+        self.train_timesteps = _timestep_range(train_timesteps, self.num_timesteps)
+        if not 0.0 <= train_timesteps_p <= 1.0:
+            raise ValueError(f"train_timesteps_p={train_timesteps_p} is not a probability: use a value in [0, 1]")
+        self.train_timesteps_p = float(train_timesteps_p)
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.first_stage_model = freeze(instantiate_from_config(first_stage_config))
         self.setup_conditioning(cond_stage_config, personalization_config, cond_stage_trainable, train_embedding,
@@ -118,8 +122,16 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
     def shared_step(self, batch):
         z0 = self.latents_from_batch(batch)
         c = self.get_learned_conditioning(self.captions_from_batch(batch))
-        t = torch.randint(0, self.num_timesteps, (z0.shape[0],), device=z0.device)
+        t = self.draw_timesteps(z0.shape[0], z0.device)
         return self.add_embedding_regulariser(*self.p_losses(z0, c, t))
+
+    def draw_timesteps(self, n, device):
+        """-> t: (n,) int64; each from `train_timesteps` with probability train_timesteps_p, else from all of them."""
+        t = torch.randint(*self.train_timesteps, (n,), device=device)
+        if self.train_timesteps_p < 1.0:
+            anywhere = torch.rand(n, device=device) >= self.train_timesteps_p
+            t = torch.where(anywhere, torch.randint(0, self.num_timesteps, (n,), device=device), t)
+        return t
 
     # ---- image logs -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -136,6 +148,17 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
             zs = sample_latents(self, captions, shape, steps=ddim_steps, scale=scale, eta=ddim_eta)
             logs[key] = self.decode_first_stage(zs)
         return {k: v.clamp(-1, 1) for k, v in logs.items()}
+
+
+def _timestep_range(value, num_timesteps):
+    """[lo, hi) of the training timesteps, drawn uniformly; None: all of [0, num_timesteps)."""
+    if value is None:
+        return 0, num_timesteps
+    lo, hi = (int(v) for v in value)
+    if not 0 <= lo < hi <= num_timesteps:
+        raise ValueError(f"train_timesteps={list(value)} is not a range inside [0, {num_timesteps}): "
+                         f"give [lo, hi] with 0 <= lo < hi <= {num_timesteps}")
+    return lo, hi
 
 
 class _ReferenceOptions:

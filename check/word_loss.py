@@ -1,0 +1,78 @@
+"""How much a word in the caption lowers the frozen model's denoising loss on a concept's images, per timestep.
+
+    python check/word_loss.py --concept striped_square --words library museum studio
+    python check/word_loss.py --concept striped_square --words library museum --t 100 300 500 700 900 --noise 16
+
+Each image of `dataset/<concept>/` is captioned "a photo of a {its colour word} {init word}", once without a
+scene phrase and once "... in the {word}" per word, and the eps-MSE of the shipped tiny model is averaged over
+`--noise` draws at each t (the same draws for every caption). A word whose attribute the images show should
+lower the loss; where the right and a wrong word give the same loss, textual inversion's objective (the same
+eps-MSE) cannot tell those values apart at that t. This is what `train_timesteps` in the TI config acts on.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ldm.data.images import list_images, load_rgb  # noqa: E402
+from ldm.data.shapes_palette import SCENE_PHRASE  # noqa: E402
+from ldm.data.shapes_world import CLASS_TEXTS  # noqa: E402
+from load import load_model_from_config  # noqa: E402
+
+MODEL_DIR = "models/ldm/tiny-shapes"
+
+
+def concept_latents(model, folder):
+    """-> (z0: [N, C, h, w] posterior-mean latents of the folder's images, their colour words [N])."""
+    with open(os.path.join(folder, CLASS_TEXTS)) as f:
+        colours = json.load(f)
+    paths = list_images(folder)
+    x = torch.tensor(np.stack([load_rgb(p) for p in paths])).float().permute(0, 3, 1, 2) / 127.5 - 1
+    return model.get_first_stage_encoding(model.encode_first_stage(x).mode()), [colours[os.path.basename(p)] for p in paths]
+
+
+@torch.no_grad()
+def loss_by_t(model, z0, captions, ts, n_noise, seed=0):
+    """eps-MSE of `captions` on z0 at each t in ts, mean over n_noise seeded draws -> [len(ts)]."""
+    c = model.get_learned_conditioning(captions)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in ts:
+        tt = torch.full((z0.shape[0],), t, dtype=torch.long)
+        draws = [torch.randn(z0.shape, generator=g) for _ in range(n_noise)]
+        out.append(np.mean([((model.apply_model(model.q_sample(z0, tt, n), tt, c) - n) ** 2).mean().item()
+                            for n in draws]))
+    return np.array(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concept", required=True, help="a folder name under dataset/")
+    p.add_argument("--words", nargs="+", required=True, help="scene words to compare (shapes_palette.SCENES)")
+    p.add_argument("--t", type=int, nargs="+", default=[100, 300, 500, 700, 900])
+    p.add_argument("--noise", type=int, default=8, help="noise draws per t")
+    p.add_argument("--weights", default=f"{MODEL_DIR}/model.safetensors")
+    args = p.parse_args(argv)
+    model = load_model_from_config(OmegaConf.load(f"{MODEL_DIR}/config.yaml"), args.weights)
+    folder = os.path.join("dataset", args.concept)
+    with open(os.path.join(folder, "concept.json")) as f:
+        init_word = json.load(f)["init_word"]
+    z0, colours = concept_latents(model, folder)
+    print(f"eps-MSE x 1e3 on dataset/{args.concept} ({len(colours)} images), mean over {args.noise} noise draws")
+    print(f"| caption ends | " + " | ".join(f"t={t}" for t in args.t) + " |")
+    print("|---" * (len(args.t) + 1) + "|")
+    for word in [None] + args.words:
+        phrase = "" if word is None else " " + SCENE_PHRASE.format(word)
+        captions = [f"a photo of a {c} {init_word}{phrase}" for c in colours]
+        row = loss_by_t(model, z0, captions, args.t, args.noise)
+        print(f"| {phrase.strip() or '(no scene)'} | " + " | ".join(f"{v * 1e3:.2f}" for v in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
