@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.data.images import list_images, load_rgb  # noqa: E402
+from ldm.data.images import list_images, load_rgb, to_model_range  # noqa: E402
+from ldm.data.personalized import _class_texts  # noqa: E402
 from ldm.data.shapes_palette import SCENE_PHRASE  # noqa: E402
 from ldm.data.shapes_world import CLASS_TEXTS  # noqa: E402
 from load import load_model_from_config  # noqa: E402
@@ -30,24 +31,21 @@ MODEL_DIR = "models/ldm/tiny-shapes"
 
 def concept_latents(model, folder):
     """-> (z0: [N, C, h, w] posterior-mean latents of the folder's images, their colour words [N])."""
-    with open(os.path.join(folder, CLASS_TEXTS)) as f:
-        colours = json.load(f)
     paths = list_images(folder)
-    x = torch.tensor(np.stack([load_rgb(p) for p in paths])).float().permute(0, 3, 1, 2) / 127.5 - 1
-    return model.get_first_stage_encoding(model.encode_first_stage(x).mode()), [colours[os.path.basename(p)] for p in paths]
+    x = torch.tensor(np.stack([to_model_range(load_rgb(p)) for p in paths])).permute(0, 3, 1, 2)
+    return model.get_first_stage_encoding(model.encode_first_stage(x).mode()), _class_texts(CLASS_TEXTS, folder, paths)
 
 
 @torch.no_grad()
 def loss_by_t(model, z0, captions, ts, n_noise, seed=0):
-    """eps-MSE of `captions` on z0 at each t in ts, mean over n_noise seeded draws -> [len(ts)]."""
+    """The training loss's eps-MSE of `captions` on z0 at each t in ts, mean over n_noise seeded draws -> [len(ts)]."""
     c = model.get_learned_conditioning(captions)
     g = torch.Generator().manual_seed(seed)
     out = []
     for t in ts:
         tt = torch.full((z0.shape[0],), t, dtype=torch.long)
         draws = [torch.randn(z0.shape, generator=g) for _ in range(n_noise)]
-        out.append(np.mean([((model.apply_model(model.q_sample(z0, tt, n), tt, c) - n) ** 2).mean().item()
-                            for n in draws]))
+        out.append(np.mean([model.p_losses(z0, c, tt, noise)[1]["loss_simple"].item() for noise in draws]))
     return np.array(out)
 
 
