@@ -1,5 +1,6 @@
 """Pixel readers recover every attribute, and the concept scores count what they should."""
 import io
+import json
 import os
 
 import numpy as np
@@ -55,6 +56,32 @@ def test_readers_recover_clean_images():
 
 def test_readers_survive_mild_degradation():
     assert _all_correct_share(500, degrade=True) >= 0.95
+
+
+def test_outline_reader_is_not_fooled_by_dark_bands_at_the_edge(monkeypatch):
+    """The model draws a pattern's dark phase darker than the palette: a dark band along an edge is no outline."""
+    import ldm.data.shapes_draw as draw
+
+    monkeypatch.setattr(draw, "DARK_PHASE", 0.3)  # the palette's is 0.5
+    right = []
+    for i in range(300):
+        rng = np.random.default_rng([12, i])
+        attrs, _ = sample_attributes(rng, held_out=frozenset())
+        if attrs["pattern"] != "solid":
+            right.append(read_attributes(render(attrs, rng))["outline"] == attrs["outline"])
+    assert len(right) > 150 and np.mean(right) >= 0.95
+
+
+def test_outline_reader_agrees_with_hand_labels_on_model_samples():
+    """108 samples of the shipped model, outline labelled by eye (tests/fixtures/outline_samples)."""
+    folder = os.path.join(REPO, "tests", "fixtures", "outline_samples")
+    spec = json.load(open(os.path.join(folder, "labels.json")))
+    grid, t, cols = np.asarray(Image.open(os.path.join(folder, "samples.png")).convert("RGB")), spec["tile"], spec["columns"]
+    read = [read_attributes(grid[k // cols * t:(k // cols + 1) * t, k % cols * t:(k % cols + 1) * t])["outline"]
+            for k in range(len(spec["labels"]))]
+    agree = [r == row["outline"] for r, row in zip(read, spec["labels"])]
+    assert {row["outline"] for row in spec["labels"]} == {"none", "white", "black"}
+    assert np.mean(agree) >= 0.97, [(k, r) for k, (r, a) in enumerate(zip(read, agree)) if not a]
 
 
 def test_readers_say_unknown_without_an_object():

@@ -2,7 +2,7 @@
 
 Order of reading: background from the border frame; foreground = pixels far from it (largest
 component, holes filled); shape = best template fit to the foreground's bounding box; outline =
-share of white / black pixels 2-3 pixels inside the edge; colour = brightness-normalised median of
+share of white / black pixels 2-3 pixels inside the edge that differ from the fill further in; colour = brightness-normalised median of
 the bright interior; pattern = best phase-searched correlation of interior brightness with each
 pattern. Every reader answers "unknown" when no palette value fits within its margin, because
 generated samples can be wrong in ways a nearest-neighbour rule would hide.
@@ -25,7 +25,10 @@ SHAPE_MIN_IOU = 0.7  # circle vs square templates overlap at 0.79, so the argmax
 # with chroma (max - min) below RING_CHROMA_MAX; every fill has a channel below 70 and its dark phase has
 # a channel of 90 or more and a chroma of 70 or more
 WHITE_MIN, BLACK_MAX, RING_CHROMA_MAX = 140, 85, 60
-OUTLINE_SHARE, NO_OUTLINE_SHARE = 0.45, 0.2  # ring share for a ring colour / below which there is no ring
+OUTLINE_SHARE = 0.45  # share of a side's ring pixels that makes the ring colour hold on that side
+MIN_SIDE_PIXELS = 2  # ring pixels a side needs to count
+SIDE_SHARE = 0.2  # share of a side's ring pixels that shows the outline's colour there
+RING_INNER = 3  # pixels from a ring pixel to the fill it is compared with: past a 2-px outline, inside an 8-px band
 COLOUR_TOL = 0.25  # distance between max-normalised colours; nearest palette pair is 0.37 apart
 # contrast = (p90 - p10) / p90 of interior brightness: ~0.5 for patterns (dark phase = half), ~0.05 for solid
 PATTERN_MIN_CONTRAST, SOLID_CONTRAST = 0.2, 0.35
@@ -85,27 +88,57 @@ def read_shape(mask):
     return best if iou[best] >= SHAPE_MIN_IOU else UNKNOWN
 
 
-def _ring_shares(ring):
-    """Shares of white-ish and black-ish pixels in ring: (N, 3); ring colours are grey, fills are saturated."""
-    high, low = ring.max(axis=1), ring.min(axis=1)
-    white = np.mean((low > WHITE_MIN) & (high - low < RING_CHROMA_MAX))
-    black = np.mean((high < BLACK_MAX) & (high - low < RING_CHROMA_MAX))
-    return white, black
+def _ring_class(pixels):
+    """(N, 3) -> (N,) int: 1 white-ish, 2 black-ish, 0 other; ring colours are grey, fills are saturated."""
+    high, low = pixels.max(axis=1), pixels.min(axis=1)
+    grey = high - low < RING_CHROMA_MAX
+    return np.where(grey & (low > WHITE_MIN), 1, np.where(grey & (high < BLACK_MAX), 2, 0))
+
+
+def _ring_shares(rgb, ring, inner):
+    """Shares of white-ish / black-ish pixels in `ring`, over it all and on each side -> (2,), (4, 2).
+
+    rgb: (H, W, 3); ring, inner: (H, W) bool. An outline is a thin ring set off from the fill inside it,
+    so a ring pixel as white or as black as its nearest `inner` pixel tells nothing (a dark pattern band
+    reaching the edge) and is left out. Sides: up, right, down, left of the centre; one with under
+    MIN_SIDE_PIXELS pixels left is 0.
+    """
+    ring_yx, inner_yx = np.argwhere(ring), np.argwhere(inner)
+    cls = _ring_class(rgb[ring])
+    keep = np.ones(len(cls), dtype=bool)
+    if len(inner_yx):
+        nearest = ((ring_yx[:, None, :] - inner_yx[None, :, :]) ** 2).sum(-1).argmin(axis=1)
+        keep = (cls == 0) | (_ring_class(rgb[inner])[nearest] != cls)
+    dy, dx = (ring_yx - np.argwhere(ring | inner).mean(axis=0)).T
+    side = np.round(np.arctan2(dx, -dy) / (np.pi / 2)).astype(int) % 4
+    per_side = np.zeros((4, 2))
+    for k in range(4):
+        on = keep & (side == k)
+        if on.sum() >= MIN_SIDE_PIXELS:
+            per_side[k] = np.mean(cls[on] == 1), np.mean(cls[on] == 2)
+    overall = np.array([np.mean(cls[keep] == 1), np.mean(cls[keep] == 2)]) if keep.any() else np.zeros(2)
+    return overall, per_side
 
 
 def read_outline(rgb, mask):
-    """White / black / none from the ring layer 2 or 3 pixels inside the edge, whichever shows more of either.
+    """White / black / none from the ring layers 2 and 3 pixels inside the edge.
 
-    rgb: (H, W, 3), mask: (H, W) bool. Blur moves the ring relative to the thresholded edge, hence the search.
+    rgb: (H, W, 3), mask: (H, W) bool. Blur moves the ring relative to the thresholded edge, hence both
+    layers, the better one taken per side. A ring colour is an outline when it fills OUTLINE_SHARE of a
+    layer and shows on at least three sides; there is none when no colour fills a side beyond one: a
+    dark band along one edge of a striped shape is not an outline.
     """
-    layers = [erode(mask, d - 1) & ~erode(mask, d) for d in (2, 3)]  # layer 1 mixes fill and background
-    shares = np.array([_ring_shares(rgb[layer]) for layer in layers if layer.any()]).reshape(-1, 2)
-    if len(shares) == 0:
+    layer = lambda d: erode(mask, d - 1) & ~erode(mask, d)  # noqa: E731; depth d, 1 = the edge pixels
+    shares = [_ring_shares(rgb, layer(d), layer(d + RING_INNER))
+              for d in (2, 3) if layer(d).any()]  # layer 1 mixes fill and background
+    if not shares:
         return UNKNOWN
-    white, black = shares.max(axis=0)
-    if max(white, black) >= OUTLINE_SHARE:
-        return "white" if white > black else "black"
-    return "none" if max(white, black) < NO_OUTLINE_SHARE else UNKNOWN
+    overall = np.max([o for o, _ in shares], axis=0)  # (2,) white, black
+    per_side = np.max([s for _, s in shares], axis=0)  # (4, 2)
+    c = overall.argmax()
+    if overall[c] >= OUTLINE_SHARE and (per_side[:, c] >= SIDE_SHARE).sum() >= 3:
+        return ("white", "black")[c]
+    return "none" if (per_side >= OUTLINE_SHARE).sum(axis=0).max() <= 1 else UNKNOWN
 
 
 def read_colour(pixels):
