@@ -50,8 +50,10 @@ def merge(paths, renames=()):
         merged.vectors.update(emb.matrices())
         merged.tokens.update(emb.tokens)
         if emb.injection != "input":
-            merged.fields = {"injection": emb.injection,
-                             "context_token": {**merged.fields.get("context_token", {}), **emb.fields["context_token"]}}
+            merged.fields.update({"injection": emb.injection, "context_token": {
+                **merged.fields.get("context_token", {}), **emb.fields["context_token"]}})
+        if emb.fields.get("timestep_bands"):
+            merged.fields["timestep_bands"] = list(emb.fields["timestep_bands"])
     if pending:
         raise ValueError(f"--rename {pending[0][0]}={pending[0][1]} matched no clashing placeholder: drop it")
     return merged
@@ -68,6 +70,10 @@ def _check_joinable(merged, owner, path, emb):
     if merged.injection != emb.injection:
         raise ValueError(f"{first} holds injection '{merged.injection}' vectors but {path} holds '{emb.injection}' "
                          "ones: merge files of one injection point")
+    bands, other_bands = merged.fields.get("timestep_bands") or [], emb.fields.get("timestep_bands") or []
+    if list(bands) != list(other_bands):
+        raise ValueError(f"{first} holds vectors for timestep bands {list(bands)} but {path} for {list(other_bands)}: "
+                         "merge files trained with the same timestep_bands")
 
 
 def _take_rename(pending, placeholder, first, path):

@@ -24,6 +24,7 @@ def freeze(module):
 
 class TextConditionedModel(pl.LightningModule):
     generator_parts = ()  # attribute names of the modules TI freezes besides first stage and text encoder
+    timestep_bands_ok = False  # whether the generator has timesteps to give each band of vectors
 
     def setup_conditioning(self, cond_stage_config, personalization_config=None, cond_stage_trainable=False,
                            train_embedding=True, trainable_modules=None):
@@ -112,17 +113,35 @@ class TextConditionedModel(pl.LightningModule):
 
     # ---- conditioning ---------------------------------------------------------------------------
     def get_learned_conditioning(self, c):
-        """c: list of B strings -> (B, T, D) context (through the embedding manager).
+        """c: list of B strings -> (B, T, D) context (through the embedding manager, its current band).
 
         A TI batch repeats its few templates: with the whole text encoder in eval mode (no dropout to draw
         per row) each distinct caption is encoded once and its rows are gathered (gradients add up).
         """
+        if self.embedding_manager is not None and self.embedding_manager.num_bands > 1 and not self.timestep_bands_ok:
+            raise ValueError(f"these vectors hold one set per diffusion timestep band "
+                             f"{list(self.embedding_manager.timestep_bands)}, but {type(self).__name__} has no "
+                             "timesteps: train them without timestep_bands")
         captions = list(c)
         rows = {caption: k for k, caption in enumerate(dict.fromkeys(captions))}
         if len(rows) == len(captions) or any(m.training for m in self.cond_stage_model.modules()):
             return self.cond_stage_model.encode(captions, embedding_manager=self.embedding_manager)
         context = self.cond_stage_model.encode(list(rows), embedding_manager=self.embedding_manager)
         return context[torch.tensor([rows[caption] for caption in captions], device=context.device)]
+
+    def banded_conditioning(self, captions):
+        """-> list of (B, T, D) contexts of `captions`, one per timestep band of the manager (one without bands)."""
+        manager = self.embedding_manager
+        if manager is None or manager.num_bands == 1:
+            return [self.get_learned_conditioning(captions)]
+        try:
+            contexts = []
+            for band in range(manager.num_bands):
+                manager.band = band
+                contexts.append(self.get_learned_conditioning(captions))
+            return contexts
+        finally:
+            manager.band = 0
 
     def captions_from_batch(self, batch):
         """The batch's captions; while pretraining, each is dropped to "" with probability cond_drop_prob."""

@@ -2,7 +2,7 @@
 
 | format    | files                          | layout                                                             |
 | --------- | ------------------------------ | ------------------------------------------------------------------ |
-| original  | .pt, .safetensors              | {"string_to_token": {s: () int64}, "string_to_param": {s: (n, D)}}; safetensors keys "string_to_token.<s>", "string_to_param.<s>"; output-injection files add "injection" and "context_token" (safetensors: in the header) |
+| original  | .pt, .safetensors              | {"string_to_token": {s: () int64}, "string_to_param": {s: (n, D)}}; safetensors keys "string_to_token.<s>", "string_to_param.<s>"; output-injection files add "injection" and "context_token", timestep-banded ones "timestep_bands" (safetensors: in the header) |
 | diffusers | folder, .safetensors, .bin     | {token: (n, D) or (D,)}; a folder holds learned_embeds.safetensors (or .bin), token_identifier.txt, type_of_concept.txt |
 | a1111     | .pt, .safetensors              | {"string_to_token": {"*": 265}, "string_to_param": {"*": (n, D)}, "name", "step", "sd_checkpoint", "sd_checkpoint_name"}; safetensors: "string_to_param.*", the other fields in the header |
 | kohya     | .safetensors, .pt              | {"emb_params": (n, D)}; the placeholder is the file's stem (or a given name) |
@@ -166,6 +166,9 @@ def _read_original(data, header, path, name):
     if injection is not None:
         context = data.get("context_token") or json.loads(header.get("context_token", "{}"))
         fields = {"injection": str(injection), "context_token": {s: int(t) for s, t in context.items()}}
+    bands = data.get("timestep_bands", json.loads(header.get("timestep_bands", "null")))
+    if bands:
+        fields["timestep_bands"] = [int(e) for e in bands]
     return Embeddings({s: checked_vectors(path, s, p) for s, p in params.items()},
                       {s: int(t) for s, t in tokens.items()}, fields, "original")
 
@@ -222,6 +225,9 @@ def write_embeddings(emb, path, fmt="original"):
     if fmt != "original" and emb.injection != "input":
         raise EmbeddingFileError(f"these vectors replace the encoder's final states (injection: {emb.injection}); "
                                  f"{fmt} loaders use vectors as token embeddings: keep the original format")
+    if fmt != "original" and emb.fields.get("timestep_bands"):
+        raise EmbeddingFileError(f"these vectors hold one set per timestep band ({emb.fields['timestep_bands']}); "
+                                 f"{fmt} loaders use one set at every step: keep the original format")
     for path_out, blob in WRITERS[fmt](emb, os.fspath(path)).items():
         with atomic_path(path_out) as tmp, open(tmp, "wb") as f:
             f.write(blob)
@@ -258,6 +264,8 @@ def _write_original(emb, path):
     tokens = {s: torch.tensor(int(emb.tokens.get(s, -1))) for s in vectors}
     extra = {} if emb.injection == "input" else {"injection": emb.injection,
                                                  "context_token": dict(emb.fields.get("context_token", {}))}
+    if emb.fields.get("timestep_bands"):
+        extra["timestep_bands"] = [int(e) for e in emb.fields["timestep_bands"]]
     if _container(path, "original") == "torch":
         return {path: torch_bytes({"string_to_token": tokens, "string_to_param": vectors, **extra})}
     flat = {f"string_to_token.{s}": t for s, t in tokens.items()}

@@ -38,17 +38,27 @@ def _choice(name, value, allowed):
     return value
 
 
+def _band_edges(edges):
+    """Timestep band edges as a strictly increasing tuple of positive ints (None or []: one band)."""
+    edges = tuple(int(e) for e in (edges or ()))
+    if any(e <= 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"timestep_bands={list(edges)} must be increasing positive timesteps, e.g. [400]")
+    return edges
+
+
 class EmbeddingManager(nn.Module):
     """Owns `string_to_param_dict[placeholder]: (n, D)` and writes it over the placeholder's positions.
 
     One vector: every placeholder position gets it. n vectors: each occurrence expands into n
     positions, later tokens shift right and the row is cut back to T; the token ids are edited in
     place the same way. Names of attributes and files follow the reference implementation.
+    With `timestep_bands` (edges e_1 < ... < e_k) the manager holds k + 1 sets of n vectors, one per band
+    of diffusion timesteps [0, e_1), ..., [e_k, T), stacked as (bands * n, D); `band` picks the set written.
     """
 
     def __init__(self, embedder, placeholder_strings=("*",), initializer_words=None, per_image_tokens=False,
                  num_vectors_per_token=1, progressive_words=False, injection="input", init_mode="mean",
-                 allow_existing_token=False, **kwargs):
+                 allow_existing_token=False, timestep_bands=None, **kwargs):
         super().__init__()
         if kwargs:
             logger.warning("EmbeddingManager ignores the unsupported options %s", ", ".join(sorted(kwargs)))
@@ -64,6 +74,8 @@ class EmbeddingManager(nn.Module):
         self.allow_existing_token = bool(allow_existing_token)
         self.progressive_words = progressive_words
         self.progressive_counter = 0
+        self.timestep_bands = _band_edges(timestep_bands)
+        self.band = 0  # which band's vectors `_write` uses; the diffusion model sets it per timestep
         self.string_to_token_dict = {}  # placeholder -> () int64, its (first) token id
         self.placeholder_ids = {}  # placeholder -> one token id per vector
         self.context_ids = {}  # placeholder -> the in-table id the encoder looks up at its positions
@@ -90,6 +102,7 @@ class EmbeddingManager(nn.Module):
         ids = self._token_ids(placeholder, num_vectors)
         pieces = None if init_word is None else self.vocab.init_pieces(init_word)
         vectors = self.vocab.initial_vectors(init_word, pieces, num_vectors, self.init_mode, self.injection)
+        vectors = vectors.repeat(self.num_bands, 1)  # every band starts from the same vectors
         if init_word is not None:
             self.initial_embeddings[placeholder] = nn.Parameter(vectors.clone(), requires_grad=False)
         self._register(placeholder, ids, vectors, self.vocab.context_id(placeholder, ids, pieces))
@@ -149,11 +162,16 @@ class EmbeddingManager(nn.Module):
         return tokens
 
     def _write(self, tokens, x):
-        """x: (B, T, D) -> (B, T, D) with each placeholder's active vectors at its positions."""
+        """x: (B, T, D) -> (B, T, D) with each placeholder's active vectors (of the current band) at its positions."""
         for placeholder, ids in self.placeholder_ids.items():
-            vectors = self.string_to_param_dict[placeholder].to(x)
+            vectors = self.string_to_param_dict[placeholder].to(x)[self.band * len(ids):(self.band + 1) * len(ids)]
             x = write_vectors(tokens, x, ids, vectors[:self._active_vectors(len(ids))])
         return x
+
+    @property
+    def num_bands(self):
+        """Sets of vectors: one per timestep band (len(timestep_bands) + 1), stacked in each (bands * n, D)."""
+        return len(self.timestep_bands) + 1
 
     def _active_vectors(self, num_vectors):
         """All vectors, or with progressive_words 1 + calls // PROGRESSIVE_SCALE of them."""
@@ -184,6 +202,8 @@ class EmbeddingManager(nn.Module):
         """The manager's state as an Embeddings record (original format fields)."""
         fields = {} if self.injection == "input" else {"injection": self.injection,
                                                        "context_token": dict(self.context_ids)}
+        if self.timestep_bands:
+            fields["timestep_bands"] = list(self.timestep_bands)
         return Embeddings({s: p.detach().cpu().clone() for s, p in self.string_to_param_dict.items()},
                           {s: ids[0] for s, ids in self.placeholder_ids.items()}, fields)
 
@@ -200,7 +220,12 @@ class EmbeddingManager(nn.Module):
         emb = read_embeddings(path, name)
         self._check_compatible(path, emb)
         vectors = emb.matrices()
-        ids = {s: self._token_ids(s, v.shape[0]) for s, v in vectors.items()}
+        bands = _band_edges(emb.fields.get("timestep_bands"))
+        uneven = [s for s, v in vectors.items() if v.shape[0] % (len(bands) + 1)]
+        if uneven:
+            raise ValueError(f"embedding file {path} has {vectors[uneven[0]].shape[0]} vectors for '{uneven[0]}', not a "
+                             f"multiple of its {len(bands) + 1} timestep bands: the file is damaged; save it again")
+        ids = {s: self._token_ids(s, v.shape[0] // (len(bands) + 1)) for s, v in vectors.items()}
         for placeholder, recorded in emb.tokens.items():
             self._check_recorded_token(path, placeholder, recorded, ids[placeholder])
         contexts = emb.fields.get("context_token", {})
@@ -208,6 +233,7 @@ class EmbeddingManager(nn.Module):
         initial_rows = {s: p[0] for s, p in self.initial_embeddings.items()}
         reference = self.embedding_parameters()[0]
         self.placeholder_ids, self.context_ids, self.string_to_token_dict = {}, {}, {}
+        self.timestep_bands, self.band = bands, 0
         self.string_to_param_dict = nn.ParameterDict()
         for placeholder, v in vectors.items():
             context = contexts.get(placeholder, previous[placeholder])

@@ -36,6 +36,7 @@ class DiffusionWrapper(nn.Module):
 
 class LatentDiffusion(NoiseSchedule, TextConditionedModel):
     generator_parts = ("model",)
+    timestep_bands_ok = True
 
     def __init__(self, unet_config, first_stage_config, cond_stage_config, personalization_config=None,
                  timesteps=1000, beta_schedule="linear", linear_start=1e-4, linear_end=2e-2, cosine_s=8e-3,
@@ -121,9 +122,18 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
 
     def shared_step(self, batch):
         z0 = self.latents_from_batch(batch)
-        c = self.get_learned_conditioning(self.captions_from_batch(batch))
+        contexts = self.banded_conditioning(self.captions_from_batch(batch))
         t = self.draw_timesteps(z0.shape[0], z0.device)
+        c = contexts[0] if len(contexts) == 1 else torch.stack(contexts)[self.timestep_band(t), torch.arange(len(t))]
         return self.add_embedding_regulariser(*self.p_losses(z0, c, t))
+
+    def timestep_band(self, t):
+        """t: (B,) int64 -> (B,) int64, the embedding manager's timestep band of each t."""
+        edges = self.embedding_manager.timestep_bands
+        if edges and edges[-1] >= self.num_timesteps:
+            raise ValueError(f"timestep_bands={list(edges)} reach past this model's {self.num_timesteps} timesteps: "
+                             f"keep every edge below {self.num_timesteps}")
+        return torch.bucketize(t, torch.tensor(edges, dtype=t.dtype, device=t.device), right=True)
 
     def draw_timesteps(self, n, device):
         """-> t: (n,) int64; each from `train_timesteps` with probability train_timesteps_p, else from all of them."""

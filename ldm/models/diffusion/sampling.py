@@ -36,16 +36,21 @@ def ddim_schedule(alphas_cumprod, steps, eta=0.0):
 def guided_eps(model, c, uc=None, scale=1.0):
     """eps_fn for model.apply_model with classifier-free guidance: e_uc + s (e_c - e_uc), one forward.
 
-    The context is the same at every step, so its cross-attention keys and values are computed once.
+    c: (B, T, D), or a list of them, one per timestep band of the model's embedding manager (a step uses
+    its band's). Each context is the same at every step of its band, so its cross-attention keys and
+    values are computed once.
     """
     guided = uc is not None and scale != 1.0
-    context, projections = (torch.cat([uc, c]) if guided else c), {}
+    bands = list(c) if isinstance(c, (list, tuple)) else [c]
+    contexts = [torch.cat([uc, b]) if guided else b for b in bands]
+    projections = [{} for _ in bands]
 
     def eps_fn(x, t):
-        with reuse_context_projections(projections):
+        k = int(model.timestep_band(t[:1])) if len(bands) > 1 else 0
+        with reuse_context_projections(projections[k]):
             if not guided:
-                return model.apply_model(x, t, context)
-            e_uc, e_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), context).chunk(2)
+                return model.apply_model(x, t, contexts[k])
+            e_uc, e_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), contexts[k]).chunk(2)
         return e_uc + scale * (e_c - e_uc)
 
     return eps_fn
@@ -138,9 +143,9 @@ def sample_latents(model, captions, shape, steps=50, scale=1.0, eta=0.0, sampler
         raise ValueError(f"{sampler} is deterministic here: use --ddim_eta 0 with it")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}' (use one of {', '.join(SAMPLERS)})")
-    c = model.get_learned_conditioning(captions)
+    c = model.banded_conditioning(captions)
     uc = model.get_learned_conditioning([""] * len(captions)) if scale != 1.0 else None
     if x_T is None:
-        x_T = torch.randn(shape, generator=generator, device=c.device, dtype=c.dtype)
+        x_T = torch.randn(shape, generator=generator, device=c[0].device, dtype=c[0].dtype)
     sched = ddim_schedule(model.alphas_cumprod, steps, eta)
-    return SAMPLERS[sampler](guided_eps(model, c, uc, scale), x_T.to(c.device), sched, callback, generator)
+    return SAMPLERS[sampler](guided_eps(model, c, uc, scale), x_T.to(c[0].device), sched, callback, generator)
