@@ -84,9 +84,9 @@ def breakdown(variant, batch, repeats=10):
             b = {"image": batch["image"].to(variant.device), "caption": batch["caption"]}
             holder = {}
             parts["latents"].append(timed(lambda: holder.update(z=m.latents_from_batch(b)), variant.device))
-            parts["text encoder"].append(timed(lambda: holder.update(c=m.get_learned_conditioning(b["caption"])),
-                                               variant.device))
-            t = torch.randint(0, m.num_timesteps, (len(b["caption"]),), device=variant.device)
+            t = m.draw_timesteps(len(b["caption"]), variant.device)
+            parts["text encoder"].append(timed(
+                lambda: holder.update(c=m.conditioning_by_band(b["caption"], m.timestep_band(t))), variant.device))
             parts["unet forward"].append(timed(lambda: holder.update(loss=m.p_losses(holder["z"], holder["c"], t)[0]),
                                                variant.device))
             parts["backward"].append(timed(lambda: holder["loss"].backward(), variant.device))

@@ -79,6 +79,17 @@ def test_each_sample_trains_only_the_vectors_of_its_timestep_band(banded, monkey
         assert param.grad[trained_row].abs().sum() > 0 and param.grad[1 - trained_row].abs().sum() == 0
 
 
+def test_a_mixed_batch_encodes_each_row_with_its_own_band(banded):
+    model = banded.model
+    captions = ["a photo of *", "a good photo of a *", "a photo of *"]
+    band = torch.tensor([1, 0, 0])
+    with torch.no_grad():
+        per_band = model.banded_conditioning(captions)
+        mixed = model.conditioning_by_band(captions, band)
+    expected = torch.stack([per_band[k][i] for i, k in enumerate(band.tolist())])
+    assert torch.allclose(mixed, expected, atol=1e-6) and not torch.allclose(mixed[0], mixed[2])
+
+
 def test_edges_past_the_schedule_are_refused(banded, monkeypatch):
     monkeypatch.setattr(banded.model.embedding_manager, "timestep_bands", (1000,))
     with pytest.raises(ValueError, match="reach past this model's 1000 timesteps"):

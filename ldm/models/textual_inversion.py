@@ -131,15 +131,27 @@ class TextConditionedModel(pl.LightningModule):
 
     def banded_conditioning(self, captions):
         """-> list of (B, T, D) contexts of `captions`, one per timestep band of the manager (one without bands)."""
+        bands = 1 if self.embedding_manager is None else self.embedding_manager.num_bands
+        return [self._conditioning_in_band(captions, k) for k in range(bands)]
+
+    def conditioning_by_band(self, captions, band):
+        """captions: B strings, band: (B,) int64 -> (B, T, D), row b through the vectors of timestep band band[b].
+
+        Each caption is encoded in its own band only, so a TI step with bands encodes no more rows than one without.
+        """
+        groups = [(k, (band == k).nonzero().flatten().cpu()) for k in band.unique().tolist()]
+        parts = [self._conditioning_in_band([captions[i] for i in rows.tolist()], k) for k, rows in groups]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts)[torch.cat([rows for _, rows in groups]).argsort().to(parts[0].device)]
+
+    def _conditioning_in_band(self, captions, band):
         manager = self.embedding_manager
         if manager is None or manager.num_bands == 1:
-            return [self.get_learned_conditioning(captions)]
+            return self.get_learned_conditioning(captions)
+        manager.band = band
         try:
-            contexts = []
-            for band in range(manager.num_bands):
-                manager.band = band
-                contexts.append(self.get_learned_conditioning(captions))
-            return contexts
+            return self.get_learned_conditioning(captions)
         finally:
             manager.band = 0
 

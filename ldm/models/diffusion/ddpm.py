@@ -122,14 +122,14 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
 
     def shared_step(self, batch):
         z0 = self.latents_from_batch(batch)
-        contexts = self.banded_conditioning(self.captions_from_batch(batch))
+        captions = self.captions_from_batch(batch)
         t = self.draw_timesteps(z0.shape[0], z0.device)
-        c = contexts[0] if len(contexts) == 1 else torch.stack(contexts)[self.timestep_band(t), torch.arange(len(t))]
+        c = self.conditioning_by_band(captions, self.timestep_band(t))
         return self.add_embedding_regulariser(*self.p_losses(z0, c, t))
 
     def timestep_band(self, t):
-        """t: (B,) int64 -> (B,) int64, the embedding manager's timestep band of each t."""
-        edges = self.embedding_manager.timestep_bands
+        """t: (B,) int64 -> (B,) int64, the embedding manager's timestep band of each t (0 without bands)."""
+        edges = self.embedding_manager.timestep_bands if self.embedding_manager is not None else ()
         if edges and edges[-1] >= self.num_timesteps:
             raise ValueError(f"timestep_bands={list(edges)} reach past this model's {self.num_timesteps} timesteps: "
                              f"keep every edge below {self.num_timesteps}")
