@@ -4,7 +4,8 @@
     python bench/sample.py --config configs/bench/mid.yaml --device cuda
 
 Variants, interleaved in one process on the same start noise:
-- ours: classifier-free guidance as one batched forward, SDPA attention;
+- ours: classifier-free guidance as one batched forward, SDPA attention, 1x1 projections as matrix products,
+  each step conditioned on its timestep band's context (as txt2img samples);
 - separate: two forwards per step (unconditional, then conditional), einsum/softmax attention in fp32;
 - batched einsum: the reference DDIM sampler's real behaviour (one batched forward, einsum attention).
 """
@@ -47,11 +48,11 @@ def main(argv=None):
     shape = (args.n, model.channels, model.image_size, model.image_size)
     sched = ddim_schedule(model.alphas_cumprod, args.steps)
     with torch.no_grad():
-        c = model.get_learned_conditioning(["a photo of a *"] * args.n)
-        uc = model.get_learned_conditioning([""] * args.n)
+        bands = model.banded_conditioning(["a photo of a *"] * args.n)  # one context per timestep band, as txt2img
+        c, uc = bands[0], model.get_learned_conditioning([""] * args.n)  # the original's one set of vectors
         x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(args.device)
         variants = {
-            "ours": (True, guided_eps(model, c, uc, args.scale)),
+            "ours": (True, guided_eps(model, bands, uc, args.scale)),
             "separate": (False, separate_eps(model, c, uc, args.scale)),
             "batched einsum": (False, guided_eps(model, c, uc, args.scale)),
         }

@@ -71,3 +71,18 @@ def test_frozen_conv_keeps_only_its_weight_and_gives_the_same_input_gradient(mon
     assert torch.equal(frozen_grad, trained_grad)
     monkeypatch.setattr(Conv2d, "lean_min_numel", x.numel() + 1)  # small inputs stay with autograd
     assert (2, 8, 9, 9) in saved_shapes_and_grad()[0]
+
+
+def test_spatial_transformer_projections_as_matrix_products_match_the_convolutions(monkeypatch):
+    from ldm.modules.attention import SpatialTransformer
+
+    torch.manual_seed(0)
+    block = SpatialTransformer(32, n_heads=2, d_head=16, context_dim=24, checkpoint=False)
+    torch.nn.init.normal_(block.proj_out.weight)  # zero-initialised: give it weights to compare
+    x, context = torch.randn(2, 32, 4, 5), torch.randn(2, 7, 24)
+    outputs = []
+    for linear in (True, False):
+        monkeypatch.setattr(SpatialTransformer, "linear_projections", linear)
+        outputs.append(block(x, context))
+    assert outputs[0].shape == x.shape and torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    assert (outputs[0] - x).abs().max() > 0.1

@@ -120,7 +120,13 @@ def zero_module(module):
 
 
 class SpatialTransformer(nn.Module):
-    """GN -> 1x1 proj_in -> tokens -> transformer blocks -> 1x1 proj_out (zero-init) -> + input."""
+    """GN -> 1x1 proj_in -> tokens -> transformer blocks -> 1x1 proj_out (zero-init) -> + input.
+
+    The 1x1 projections run as matrix products on the (B, H*W, C) tokens: the same weights without a
+    convolution's layout work. `SpatialTransformer.linear_projections = False` runs them as the reference's
+    convolutions (the benchmark baseline).
+    """
+    linear_projections = True
 
     def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None, checkpoint=True):
         super().__init__()
@@ -135,11 +141,18 @@ class SpatialTransformer(nn.Module):
     def forward(self, x, context=None):
         """x: (B, C, H, W), context: (B, M, Cc) -> (B, C, H, W)."""
         _, _, h, w = x.shape
-        h_ = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+        h_ = self._project(self.proj_in, self.norm(x), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
             h_ = block(h_, context=context)
-        h_ = rearrange(h_, "b (h w) c -> b c h w", h=h, w=w)
-        return self.proj_out(h_) + x
+        return self._project(self.proj_out, h_, "b (h w) c -> b c h w", h=h, w=w) + x
+
+    def _project(self, conv, x, pattern, **sizes):
+        """The 1x1 convolution `conv` and the rearrangement `pattern` (tokens <-> feature map), in either order."""
+        if not self.linear_projections:
+            return rearrange(conv(x), pattern, **sizes) if x.dim() == 4 else conv(rearrange(x, pattern, **sizes))
+        if x.dim() == 4:
+            return F.linear(rearrange(x, pattern), conv.weight.flatten(1), conv.bias)
+        return rearrange(F.linear(x, conv.weight.flatten(1), conv.bias), pattern, **sizes)
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):
