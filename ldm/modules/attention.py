@@ -141,18 +141,16 @@ class SpatialTransformer(nn.Module):
     def forward(self, x, context=None):
         """x: (B, C, H, W), context: (B, M, Cc) -> (B, C, H, W)."""
         _, _, h, w = x.shape
-        h_ = self._project(self.proj_in, self.norm(x), "b c h w -> b (h w) c")
+        h_ = self._pointwise(self.proj_in, rearrange(self.norm(x), "b c h w -> b (h w) c"), h, w)
         for block in self.transformer_blocks:
             h_ = block(h_, context=context)
-        return self._project(self.proj_out, h_, "b (h w) c -> b c h w", h=h, w=w) + x
+        return rearrange(self._pointwise(self.proj_out, h_, h, w), "b (h w) c -> b c h w", h=h, w=w) + x
 
-    def _project(self, conv, x, pattern, **sizes):
-        """The 1x1 convolution `conv` and the rearrangement `pattern` (tokens <-> feature map), in either order."""
-        if not self.linear_projections:
-            return rearrange(conv(x), pattern, **sizes) if x.dim() == 4 else conv(rearrange(x, pattern, **sizes))
-        if x.dim() == 4:
-            return F.linear(rearrange(x, pattern), conv.weight.flatten(1), conv.bias)
-        return rearrange(F.linear(x, conv.weight.flatten(1), conv.bias), pattern, **sizes)
+    def _pointwise(self, conv, tokens, h, w):
+        """tokens: (B, H*W, C_in) -> (B, H*W, C_out) through the 1x1 convolution `conv`."""
+        if self.linear_projections:
+            return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+        return rearrange(conv(rearrange(tokens, "b (h w) c -> b c h w", h=h, w=w)), "b c h w -> b (h w) c")
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):

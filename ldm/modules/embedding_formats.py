@@ -227,8 +227,8 @@ def write_embeddings(emb, path, fmt="original"):
                                  f"{fmt} loaders use vectors as token embeddings: keep the original format")
     if fmt != "original" and emb.fields.get("timestep_bands"):
         raise EmbeddingFileError(f"these vectors hold one set per timestep band ({emb.fields['timestep_bands']}); "
-                                 f"{fmt} loaders use one set at every step: keep the original format, or train with timestep_bands: [] "
-                                 "(configs/ablations/one_band.yaml)")
+                                 f"{fmt} loaders use one set at every step: keep the original format, or train with "
+                                 "timestep_bands: [] (configs/ablations/one_band.yaml)")
     for path_out, blob in WRITERS[fmt](emb, os.fspath(path)).items():
         with atomic_path(path_out) as tmp, open(tmp, "wb") as f:
             f.write(blob)
