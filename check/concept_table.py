@@ -27,6 +27,8 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
+import time
 
 import numpy as np
 import torch
@@ -138,6 +140,22 @@ def _train_worker(spec, weights, logdir, extra, model, seed, threads=None):
         return train_concept(spec, weights, logdir, extra, model=model, seed=seed).logdir
 
 
+def worker_pool(jobs):
+    """A pool of `jobs` spawned worker processes that end when this process does, even when it is killed."""
+    return concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
+def _exit_with_parent(parent):
+    """Worker initializer: a daemon thread ends this worker once `parent` is gone (a killed command's TI runs
+    would otherwise go on training, orphaned)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _finished_runs(calls, jobs):
     """Yield (index, run folder) of each _train_worker call as it finishes, `jobs` at a time."""
     if jobs == 1:
@@ -145,8 +163,7 @@ def _finished_runs(calls, jobs):
             yield k, _train_worker(*call)
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    with worker_pool(jobs) as pool:
         runs = {pool.submit(_train_worker, *call, threads): k for k, call in enumerate(calls)}
         for run in concurrent.futures.as_completed(runs):
             yield runs[run], run.result()

@@ -1,6 +1,9 @@
 """The shipped tiny shapes-world model: strict load with its config, small, usable for TI out of the box."""
 import json
 import os
+import subprocess
+import sys
+import time
 
 import torch
 from omegaconf import OmegaConf
@@ -68,6 +71,41 @@ def test_concept_table_trains_each_seed_in_parallel_and_averages(tmp_path, monke
     by_seed = [float(v) for v in star[columns.index("fidelity by seed")].split(" / ")]
     assert len(by_seed) == 2 and abs(float(star[columns.index("fidelity")]) - sum(by_seed) / 2) < 1e-3
     assert baseline[columns.index("fidelity by seed")] == "-"
+
+
+def test_concept_table_workers_end_when_the_command_is_killed(tmp_path):
+    """A killed concept_table command leaves no worker process training on."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "parent.py"
+    script.write_text("import os, sys, time\n"
+                      f"sys.path.insert(0, {repo!r})\n"
+                      "from check.concept_table import worker_pool\n"
+                      "if __name__ == '__main__':\n"
+                      "    pool = worker_pool(1)\n"
+                      "    print(pool.submit(os.getpid).result(), flush=True)\n"
+                      "    pool.submit(time.sleep, 600)\n"
+                      "    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(worker, 0)  # alive while the command runs
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and _alive(worker):
+        time.sleep(0.2)
+    assert not _alive(worker)
+
+
+def _alive(pid):
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reaps it if it is (now) our child
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
 
 
 def test_target_summary_counts_concepts_meeting_the_targets():
