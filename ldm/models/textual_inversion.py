@@ -118,7 +118,7 @@ class TextConditionedModel(pl.LightningModule):
         A TI batch repeats its few templates: with the whole text encoder in eval mode (no dropout to draw
         per row) each distinct caption is encoded once and its rows are gathered (gradients add up).
         """
-        if self.embedding_manager is not None and self.embedding_manager.num_bands > 1 and not self.timestep_bands_ok:
+        if self.num_bands > 1 and not self.timestep_bands_ok:
             raise ValueError(f"these vectors hold one set per diffusion timestep band "
                              f"{list(self.embedding_manager.timestep_bands)}, but {type(self).__name__} has no "
                              "timesteps: train them without timestep_bands")
@@ -129,16 +129,22 @@ class TextConditionedModel(pl.LightningModule):
         context = self.cond_stage_model.encode(list(rows), embedding_manager=self.embedding_manager)
         return context[torch.tensor([rows[caption] for caption in captions], device=context.device)]
 
+    @property
+    def num_bands(self):
+        """Timestep bands of the embedding manager's vectors (1 without a manager or bands)."""
+        return 1 if self.embedding_manager is None else self.embedding_manager.num_bands
+
     def banded_conditioning(self, captions):
         """-> list of (B, T, D) contexts of `captions`, one per timestep band of the manager (one without bands)."""
-        bands = 1 if self.embedding_manager is None else self.embedding_manager.num_bands
-        return [self._conditioning_in_band(captions, k) for k in range(bands)]
+        return [self._conditioning_in_band(captions, k) for k in range(self.num_bands)]
 
     def conditioning_by_band(self, captions, band):
         """captions: B strings, band: (B,) int64 -> (B, T, D), row b through the vectors of timestep band band[b].
 
         Each caption is encoded in its own band only, so a TI step with bands encodes no more rows than one without.
         """
+        if self.num_bands == 1:
+            return self.get_learned_conditioning(captions)
         groups = [(k, (band == k).nonzero().flatten().cpu()) for k in band.unique().tolist()]
         parts = [self._conditioning_in_band([captions[i] for i in rows.tolist()], k) for k, rows in groups]
         if len(parts) == 1:
@@ -146,9 +152,9 @@ class TextConditionedModel(pl.LightningModule):
         return torch.cat(parts)[torch.cat([rows for _, rows in groups]).argsort().to(parts[0].device)]
 
     def _conditioning_in_band(self, captions, band):
-        manager = self.embedding_manager
-        if manager is None or manager.num_bands == 1:
+        if self.num_bands == 1:
             return self.get_learned_conditioning(captions)
+        manager = self.embedding_manager
         manager.band = band
         try:
             return self.get_learned_conditioning(captions)
