@@ -14,7 +14,7 @@ import torch
 from ldm.util import get_obj_from_str, instantiate_from_config
 
 __all__ = ["get_obj_from_str", "instantiate_from_config", "read_state_dict", "load_state_dict_into",
-           "load_model_from_config"]
+           "warm_start", "load_model_from_config"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,20 @@ def load_state_dict_into(model, path, strict=True, ignore_prefixes=(), allow_mis
     if hasattr(model, "on_weights_loaded"):
         model.on_weights_loaded(list(sd))
     return {"missing": missing, "unexpected": unexpected, "dropped": dropped, "summary": summary, **info}
+
+
+def warm_start(model, path, skip=()):
+    """Copy into `model` the tensors of `path` whose names and shapes match, except names starting with `skip`
+    (pretraining a related architecture from another's weights); the rest keep their initialisation.
+    -> the names copied; one log line with counts."""
+    sd, own = read_state_dict(path)[0], model.state_dict()
+    shared = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and not k.startswith(tuple(skip))}
+    if not shared:
+        raise ValueError(f"warm start from {path}: no tensor fits this model (names or shapes differ everywhere)")
+    model.load_state_dict(shared, strict=False)
+    log.info(f"warm start from {os.path.basename(path)}: {len(shared)} of {len(own)} tensors copied, "
+             f"{len(sd) - len(shared)} of the checkpoint's left out")
+    return list(shared)
 
 
 def load_model_from_config(config, ckpt, strict=True, verbose=False):

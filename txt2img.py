@@ -126,7 +126,7 @@ def latent_shape(model, opt):
 
 def steps_per_batch(model, opt):
     """Sampler steps (diffusion) or codes (autoregressive) per batch, for the progress bar."""
-    return model.transformer.n_positions if hasattr(model, "sample_images") else opt.ddim_steps
+    return model.sampling_steps if hasattr(model, "sample_images") else opt.ddim_steps
 
 
 def sample_batch(model, prompts, opt, generator, callback=None):

@@ -4,7 +4,8 @@
     python check/concept_table.py --captions           # also: does the pretrained model follow captions?
     python check/concept_table.py --captions --concepts   # only that (no concept, no TI)
     python check/concept_table.py --korean             # the same embeddings, prompted in Korean through v2
-    python check/concept_table.py --model ar             # the autoregressive model
+    python check/concept_table.py --model ar             # the autoregressive model (raster order)
+    python check/concept_table.py --model ar-scales      # the next-scale autoregressive model
     python check/concept_table.py --model ar model.params.personalization_config.params.injection=output
     python check/concept_table.py --seeds 23 1 2 --jobs 2   # three TI runs per concept, two at a time
 
@@ -47,10 +48,11 @@ from load import load_model_from_config  # noqa: E402
 
 MODEL_DIR = "models/ldm/tiny-shapes"
 FINETUNE = "configs/tiny-shapes/finetune.yaml"
-MODELS = {"ldm": (MODEL_DIR, FINETUNE), "ar": ("models/ar/tiny-shapes", "configs/ar-shapes/finetune.yaml")}
+MODELS = {"ldm": (MODEL_DIR, FINETUNE), "ar": ("models/ar/tiny-shapes", "configs/ar-shapes/finetune.yaml"),
+          "ar-scales": ("models/ar/tiny-shapes-scales", "configs/ar-shapes/finetune.yaml")}
 V2 = "configs/improvement/v2.yaml"
 # the issue targets per model: (fidelity at least, and at least this many times the baseline's; editability)
-TARGETS = {"ldm": (0.6, 3.0, 0.5), "ar": (0.0, 2.0, None)}
+TARGETS = {"ldm": (0.6, 3.0, 0.5), "ar": (0.0, 2.0, None), "ar-scales": (0.0, 2.0, None)}
 
 
 def train_concept(spec, weights, logdir, extra=(), overlays=(), model="ldm", seed=None):
@@ -234,7 +236,7 @@ def tables(args):
     if args.korean:
         generate = in_korean(generate)
     language = ", Korean prompts through improvement v2" if args.korean else ""
-    how = "every code sampled" if args.model == "ar" else f"{args.sampler} {args.ddim_steps} steps"
+    how = "every code sampled" if args.model != "ldm" else f"{args.sampler} {args.ddim_steps} steps"
     sections = [f"Measured {datetime.date.today()} on {weights}: n={args.n} per prompt, {how}, "
                 f"guidance {args.scale}{language}."]
     if args.captions:
@@ -271,10 +273,11 @@ def main(argv=None):
     p.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all in dataset/)")
     p.add_argument("--embeddings", default=None,
                    help="folder of <concept>_seed<seed>.pt files "
-                        "(default: outputs/concept_embeddings, _ar for --model ar)")
+                        "(default: outputs/concept_embeddings, _ar or _ar-scales for those models)")
     p.add_argument("--logdir", default="logs/concepts", help="parent folder of the TI runs")
     p.add_argument("--model", default="ldm", choices=sorted(MODELS),
-                   help="ldm: the latent-diffusion tiny model; ar: the autoregressive one (models/ar/tiny-shapes)")
+                   help="ldm: the latent-diffusion tiny model; ar: the autoregressive one in raster order "
+                        "(models/ar/tiny-shapes); ar-scales: the next-scale one (models/ar/tiny-shapes-scales)")
     p.add_argument("--weights", default=None,
                    help="weights of the model (e.g. a pretraining run's last.ckpt) for its config.yaml "
                         "(default: the shipped model.safetensors)")
@@ -296,7 +299,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the tables (markdown) here too")
     p.add_argument("train_overrides", nargs="*", help="key=value overrides for the TI runs")
     args = p.parse_args(argv)
-    args.embeddings = args.embeddings or "outputs/concept_embeddings" + ("_ar" if args.model == "ar" else "")
+    args.embeddings = args.embeddings or "outputs/concept_embeddings" + ("" if args.model == "ldm" else f"_{args.model}")
     with torch.no_grad():
         text = tables(args)
     print(text)

@@ -13,6 +13,7 @@ from ldm.models.autoregressive.transformer import ImageTokenTransformer
 from ldm.modules.encoders.t5_tiny import world_captions, write_tiny_t5
 
 AR_CONFIG = "models/ar/tiny-shapes/config.yaml"
+AR_CONFIGS = {"raster": AR_CONFIG, "next-scale": "models/ar/tiny-shapes-scales/config.yaml"}
 TINY = {"transformer_config": {"params": {"n_codes": 64, "dim": 32, "depth": 1, "heads": 2, "context_dim": 32}},
         "context_dim": 32, "first_stage_config": {"params": {"n_embed": 64}}}
 
@@ -36,15 +37,16 @@ def test_transformer_is_causal():
     assert torch.allclose(a[:, :5], b[:, :5]) and not torch.allclose(a[:, 5:], b[:, 5:])
 
 
-@pytest.fixture(scope="module")
-def ar_setup(tmp_path_factory):
-    """(config file, checkpoint) of a random-init tiny ARTextToImage with its own tiny T5 folder."""
+@pytest.fixture(scope="module", params=sorted(AR_CONFIGS))
+def ar_setup(tmp_path_factory, request):
+    """(config file, checkpoint) of a random-init tiny ARTextToImage (raster order or next-scale) with its own
+    tiny T5 folder."""
     from ldm.util import instantiate_from_config
 
     root = tmp_path_factory.mktemp("ar")
     tokenizer = write_tiny_t5(str(root / "t5"), list(world_captions()), d_model=32, d_kv=8, d_ff=64, num_layers=1)
     assert len(tokenizer.tokenize("triangle")) > 1  # the init word is several pieces
-    config = OmegaConf.merge(OmegaConf.load(AR_CONFIG), {"model": {"params": {
+    config = OmegaConf.merge(OmegaConf.load(AR_CONFIGS[request.param]), {"model": {"params": {
         **TINY, "cond_stage_config": {"params": {"version": str(root / "t5")}}}}})
     OmegaConf.save(config, str(root / "config.yaml"))
     torch.manual_seed(0)

@@ -134,3 +134,41 @@ class VQModel(_FirstStage):
 
 
 VQModelInterface = VQModel
+
+
+class MultiScaleVQModel(VQModel):
+    """VQModel whose quantiser codes the features as a pyramid of residual scales (MultiScaleQuantizer):
+    `encode_codes` gives the next-scale token maps, coarsest first, `decode_codes` the image.
+
+    `init_ckpt` warm-starts encoder, decoder and codebook from a one-scale VQModel checkpoint (the scale
+    convolutions start as the identity); `ckpt_path` loads a multi-scale one strictly.
+    """
+
+    def __init__(self, ddconfig, lossconfig, n_embed, embed_dim, scales=(1, 2, 4, 8), phi_ratio=0.5, init_ckpt=None,
+                 ckpt_path=None, image_key="image", monitor=None, beta=0.25):
+        super().__init__(ddconfig, lossconfig, n_embed, embed_dim, image_key=image_key, monitor=monitor, beta=beta)
+        from ldm.modules.multiscale_quantize import MultiScaleQuantizer
+
+        self.quantize = MultiScaleQuantizer(n_embed, embed_dim, scales, beta=beta, phi_ratio=phi_ratio)
+        from load import load_state_dict_into, warm_start
+        if init_ckpt is not None:
+            warm_start(self, init_ckpt)
+        if ckpt_path is not None:
+            load_state_dict_into(self, ckpt_path)
+
+    def quantize_latents(self, h):
+        """h: (B, D, h, w) -> (f_hat, commitment loss, [codes (B, s, s)] per scale)."""
+        return self.quantize.quantize_scales(h)
+
+    def decode(self, h, force_not_quantize=False):
+        f_hat = h if force_not_quantize else self.quantize.quantize_scales(h)[0]
+        return self.decoder(self.post_quant_conv(f_hat))
+
+    @torch.no_grad()
+    def encode_codes(self, x):
+        """x: (B, 3, H, W) -> codes (B, N) int64, every scale flattened, coarsest first."""
+        return torch.cat([c.flatten(1) for c in self.quantize_latents(self.encode(x))[2]], dim=1)
+
+    def decode_codes(self, codes):
+        """codes: (B, N) int64, as encode_codes gives them -> images (B, 3, H, W)."""
+        return self.decoder(self.post_quant_conv(self.quantize.decode_codes(self.quantize.split(codes))))

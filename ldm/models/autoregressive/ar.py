@@ -3,6 +3,9 @@
     image (B, 3, H, W) --VQ encoder + quantizer--> codes (B, h*w) raster order
     caption --text encoder (T5)--> context (B, T, D);   loss = cross-entropy(transformer(codes[:, :-1], context), codes)
 
+NextScaleTextToImage is the same model over a pyramid of token maps (MultiScaleVQModel, NextScaleTransformer):
+each scale is predicted from the text and the coarser scales.
+
 Two ways to train, as for LatentDiffusion (the config decides):
 - pretraining: transformer and text encoder train; with probability cond_drop_prob a sample's context
   is replaced by the learned unconditional context `null_context` (for classifier-free guidance);
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models.autoencoder import images_from_batch
-from ldm.models.autoregressive.sampling import sample_codes
+from ldm.models.autoregressive.sampling import sample_codes, sample_scales
 from ldm.models.textual_inversion import TextConditionedModel, freeze
 from ldm.util import instantiate_from_config
 
@@ -25,7 +28,7 @@ class ARTextToImage(TextConditionedModel):
     def __init__(self, transformer_config, first_stage_config, cond_stage_config, personalization_config=None,
                  image_size=8, context_dim=64, first_stage_key="image", cond_stage_key="caption",
                  cond_stage_trainable=False, cond_drop_prob=0.0, embedding_reg_weight=0.0, train_embedding=True,
-                 trainable_modules=None, ckpt_path=None):
+                 trainable_modules=None, ckpt_path=None, init_ckpt=None):
         super().__init__()
         self.image_size = image_size  # codes per side
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
@@ -37,8 +40,10 @@ class ARTextToImage(TextConditionedModel):
                                 trainable_modules)
         if personalization_config is not None:
             self.null_context.requires_grad_(False)
+        from load import load_state_dict_into, warm_start
+        if init_ckpt is not None:  # pretraining from a related model's generator and text encoder
+            warm_start(self, init_ckpt, skip=("first_stage_model.",))
         if ckpt_path is not None:
-            from load import load_state_dict_into
             load_state_dict_into(self, ckpt_path)
 
     # ---- first stage ----------------------------------------------------------------------------
@@ -53,6 +58,19 @@ class ARTextToImage(TextConditionedModel):
         """codes: (B, h*w) -> images (B, 3, H, W), roughly in [-1, 1]."""
         return self.first_stage_model.decode_indices(codes.view(-1, self.image_size, self.image_size))
 
+    def code_logits(self, codes, c):
+        """codes: (B, N), c: (B, T, D) -> (B, N, K) logits of every code given the ones before it (teacher forcing)."""
+        return self.transformer(codes[:, :-1], c)
+
+    def generate_codes(self, c, **kwargs):
+        """c: (B, T, D) -> codes (B, N) drawn one at a time (kwargs: sample_codes' options)."""
+        return sample_codes(self.transformer, c, self.null_context, **kwargs)
+
+    @property
+    def sampling_steps(self):
+        """Transformer steps of one sample (callback calls of sample_images)."""
+        return self.transformer.n_positions
+
     # ---- training -------------------------------------------------------------------------------
     def context_with_dropout(self, c):
         """While pretraining, each sample's context becomes null_context with probability cond_drop_prob."""
@@ -64,7 +82,7 @@ class ARTextToImage(TextConditionedModel):
     def shared_step(self, batch):
         codes = self.encode_codes(images_from_batch(batch, self.first_stage_key))
         c = self.context_with_dropout(self.get_learned_conditioning(list(batch[self.cond_stage_key])))
-        logits = self.transformer(codes[:, :-1], c)
+        logits = self.code_logits(codes, c)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
         return self.add_embedding_regulariser(loss, {"loss_ce": loss.detach()})
 
@@ -72,10 +90,10 @@ class ARTextToImage(TextConditionedModel):
     @torch.no_grad()
     def sample_images(self, captions, scale=3.0, temperature=1.0, top_k=0, top_p=1.0, generator=None,
                       callback=None):
-        """captions: list of B str -> images (B, 3, H, W) in [-1, 1]; callback(i) after each of the h*w codes."""
+        """captions: list of B str -> images (B, 3, H, W) in [-1, 1]; callback(i) after each of sampling_steps."""
         c = self.get_learned_conditioning(captions)
-        codes = sample_codes(self.transformer, c, self.null_context, scale, temperature, top_k, top_p, generator,
-                             callback)
+        codes = self.generate_codes(c, scale=scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    generator=generator, callback=callback)
         return self.decode_codes(codes).clamp(-1, 1)
 
     @torch.no_grad()
@@ -87,3 +105,30 @@ class ARTextToImage(TextConditionedModel):
         for key, scale in (("samples", 1.0), (f"samples_scaled_{guidance_scale:g}", guidance_scale)):
             logs[key] = self.sample_images(captions, scale=scale, top_k=top_k, top_p=top_p)
         return {k: v.clamp(-1, 1) for k, v in logs.items()}
+
+
+class NextScaleTextToImage(ARTextToImage):
+    """Next-scale (VAR-style) text-to-image: a MultiScaleVQModel first stage and a NextScaleTransformer.
+
+    Codes are every scale's token map flattened, coarsest first; the loss is the same cross-entropy over all of them.
+    """
+
+    @torch.no_grad()
+    def encode_codes(self, x):
+        """x: (B, 3, H, W) in [-1, 1] -> codes (B, N) int64, N = sum of the scales' areas."""
+        return self.first_stage_model.encode_codes(x)
+
+    @torch.no_grad()
+    def decode_codes(self, codes):
+        return self.first_stage_model.decode_codes(codes)
+
+    def code_logits(self, codes, c):
+        quantizer = self.first_stage_model.quantize
+        return self.transformer(quantizer.next_scale_inputs(quantizer.split(codes)), c)
+
+    def generate_codes(self, c, **kwargs):
+        return sample_scales(self.transformer, self.first_stage_model.quantize, c, self.null_context, **kwargs)
+
+    @property
+    def sampling_steps(self):
+        return len(self.transformer.scales)

@@ -1,4 +1,5 @@
-"""Sampling image codes from an ImageTokenTransformer: classifier-free guidance, temperature, top-k, top-p."""
+"""Sampling image codes from the image-token transformers: classifier-free guidance, temperature, top-k, top-p;
+raster order one code at a time (sample_codes), next-scale one scale at a time (sample_scales)."""
 import torch
 
 
@@ -18,6 +19,24 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
+def draw(logits, scale, temperature, top_k, top_p, generator):
+    """logits: (2B or B, n, K), conditional half first when scale != 1 -> codes (B, n) int64.
+
+    With guidance the logits are u + scale (c - u); then temperature, top-k and top-p, and one draw per position.
+    """
+    if scale != 1.0:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + scale * (cond - uncond)
+    B, n, K = logits.shape
+    probs = filter_logits(logits.reshape(B * n, K).float() / max(temperature, 1e-6), top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).view(B, n)
+
+
+def guidance_caches(transformer, context, null_context, scale):
+    """Caches of the text (and, with guidance, the unconditional context as a second half of the batch)."""
+    return transformer.start_cache(torch.cat([context, null_context.expand_as(context)]) if scale != 1.0 else context)
+
+
 @torch.no_grad()
 def sample_codes(transformer, context, null_context, scale=1.0, temperature=1.0, top_k=0, top_p=1.0,
                  generator=None, callback=None):
@@ -26,18 +45,33 @@ def sample_codes(transformer, context, null_context, scale=1.0, temperature=1.0,
     With guidance the conditional and unconditional halves run as one batch of 2B through cached
     keys and values; logits are u + scale (c - u).
     """
-    B = context.shape[0]
-    guided = scale != 1.0
-    caches = transformer.start_cache(torch.cat([context, null_context.expand_as(context)]) if guided else context)
+    caches, halves = guidance_caches(transformer, context, null_context, scale), 2 if scale != 1.0 else 1
     codes, last = [], None
     for i in range(transformer.n_positions):
-        logits = transformer.step(None if last is None else (last.repeat(2) if guided else last), caches)
-        if guided:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + scale * (cond - uncond)
-        probs = filter_logits(logits.float() / max(temperature, 1e-6), top_k, top_p).softmax(-1)
-        last = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        logits = transformer.step(None if last is None else last.repeat(halves), caches)
+        last = draw(logits[:, None], scale, temperature, top_k, top_p, generator)[:, 0]
         codes.append(last)
         if callback is not None:
             callback(i)
     return torch.stack(codes, dim=1)
+
+
+@torch.no_grad()
+def sample_scales(transformer, quantizer, context, null_context, scale=1.0, temperature=1.0, top_k=0, top_p=1.0,
+                  generator=None, callback=None):
+    """Next-scale sampling: context (B, T, D), null_context (1, 1, D) -> codes (B, N) int64, coarsest scale first.
+
+    Each scale's codes are drawn together from its logits; the sum of the scales so far, resized to the next
+    scale (MultiScaleQuantizer), is the next step's input. callback(k) after each scale.
+    """
+    caches, halves = guidance_caches(transformer, context, null_context, scale), 2 if scale != 1.0 else 1
+    f_hat, codes, inputs = None, [], None
+    for k, s in enumerate(quantizer.scales):
+        idx = draw(transformer.step(inputs, caches), scale, temperature, top_k, top_p, generator)
+        codes.append(idx)
+        if k + 1 < len(quantizer.scales):
+            f_hat = quantizer.add_scale(quantizer.empty_features(idx) if f_hat is None else f_hat, idx.view(-1, s, s), k)
+            inputs = quantizer.resized(f_hat, k + 1).repeat(halves, 1, 1)
+        if callback is not None:
+            callback(k)
+    return torch.cat(codes, dim=1)
