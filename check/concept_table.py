@@ -48,8 +48,10 @@ from load import load_model_from_config  # noqa: E402
 
 MODEL_DIR = "models/ldm/tiny-shapes"
 FINETUNE = "configs/tiny-shapes/finetune.yaml"
-MODELS = {"ldm": (MODEL_DIR, FINETUNE), "ar": ("models/ar/tiny-shapes", "configs/ar-shapes/finetune.yaml"),
-          "ar-scales": ("models/ar/tiny-shapes-scales", "configs/ar-shapes/finetune.yaml")}
+# model name -> (model folder, its default TI configs, merged in order)
+MODELS = {"ldm": (MODEL_DIR, [FINETUNE]), "ar": ("models/ar/tiny-shapes", ["configs/ar-shapes/finetune.yaml"]),
+          "ar-scales": ("models/ar/tiny-shapes-scales",
+                        ["configs/ar-shapes/finetune.yaml", "configs/ar-shapes/finetune-scales.yaml"])}
 V2 = "configs/improvement/v2.yaml"
 # the issue targets per model: (fidelity at least, and at least this many times the baseline's; editability)
 TARGETS = {"ldm": (0.6, 3.0, 0.5), "ar": (0.0, 2.0, None), "ar-scales": (0.0, 2.0, None)}
@@ -62,10 +64,10 @@ def train_concept(spec, weights, logdir, extra=(), overlays=(), model="ldm", see
     """
     import train_new
 
-    model_dir, finetune = MODELS[model]
+    model_dir, finetunes = MODELS[model]
     name = spec["name"] + (f"_seed{seed}" if seed is not None else "")
     os.environ.pop("LDM_RUN_STAMP", None)
-    return train_new.main(["--base", f"{model_dir}/config.yaml", finetune, *overlays, "-t", "--actual_resume",
+    return train_new.main(["--base", f"{model_dir}/config.yaml", *finetunes, *overlays, "-t", "--actual_resume",
                            weights, "-n", name, "--data_root", os.path.join("dataset", spec["name"]),
                            "--init_word", spec["init_word"], "--placeholder_string", "*", "-l", logdir, *extra,
                            *(["--seed", str(seed)] if seed is not None else [])])
@@ -224,11 +226,11 @@ def tables(args):
     """Train what is missing, then the markdown of every table `args` asks for."""
 
     specs = load_specs(args.concepts)
-    model_dir, finetune = MODELS[args.model]
+    model_dir, finetunes = MODELS[args.model]
     weights = args.weights or f"{model_dir}/model.safetensors"
     train_missing(specs, weights, args)
 
-    configs = [f"{model_dir}/config.yaml", finetune] + ([V2] if args.korean else [])
+    configs = [f"{model_dir}/config.yaml", *finetunes] + ([V2] if args.korean else [])
     model_overrides = OmegaConf.from_dotlist([o for o in args.train_overrides if o.startswith("model.")])
     config = OmegaConf.merge(*map(OmegaConf.load, configs), model_overrides)  # the TI runs' model settings
     model = load_model_from_config(config, weights)

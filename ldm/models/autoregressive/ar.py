@@ -83,8 +83,13 @@ class ARTextToImage(TextConditionedModel):
         codes = self.encode_codes(images_from_batch(batch, self.first_stage_key))
         c = self.context_with_dropout(self.get_learned_conditioning(list(batch[self.cond_stage_key])))
         logits = self.code_logits(codes, c)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view(codes.shape)
+        loss = self.code_loss(ce)
         return self.add_embedding_regulariser(loss, {"loss_ce": loss.detach()})
+
+    def code_loss(self, ce):
+        """ce: (B, N) cross-entropy of every code -> the loss (mean over codes)."""
+        return ce.mean()
 
     # ---- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -110,8 +115,21 @@ class ARTextToImage(TextConditionedModel):
 class NextScaleTextToImage(ARTextToImage):
     """Next-scale (VAR-style) text-to-image: a MultiScaleVQModel first stage and a NextScaleTransformer.
 
-    Codes are every scale's token map flattened, coarsest first; the loss is the same cross-entropy over all of them.
+    Codes are every scale's token map flattened, coarsest first; the loss is their cross-entropy, averaged over all
+    codes (VAR's way: the 8x8 map is 64 of 85 codes) or, with `balance_scales`, over each scale and then over the
+    scales, so the one code of the 1x1 map, which decides the image's overall look (its background), weighs as
+    much as the finest map: a TI setting (configs/ar-shapes/finetune-scales.yaml).
     """
+
+    def __init__(self, *args, balance_scales=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.balance_scales = balance_scales
+
+    def code_loss(self, ce):
+        if not self.balance_scales:
+            return ce.mean()
+        sizes = self.first_stage_model.quantize.codes_per_scale()
+        return torch.stack([part.mean() for part in ce.split(sizes, dim=1)]).mean()
 
     @torch.no_grad()
     def encode_codes(self, x):
