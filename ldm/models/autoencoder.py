@@ -113,7 +113,7 @@ class VQModel(_FirstStage):
         return z_q, emb_loss, indices.reshape(h.shape[0], h.shape[2], h.shape[3])
 
     def decode(self, h, force_not_quantize=False):
-        z_q = h if force_not_quantize else self.quantize(h)[0]
+        z_q = h if force_not_quantize else self.quantize_latents(h)[0]
         return self.decoder(self.post_quant_conv(z_q))
 
     def decode_indices(self, indices):
@@ -159,10 +159,6 @@ class MultiScaleVQModel(VQModel):
     def quantize_latents(self, h):
         """h: (B, D, h, w) -> (f_hat, commitment loss, [codes (B, s, s)] per scale)."""
         return self.quantize.quantize_scales(h)
-
-    def decode(self, h, force_not_quantize=False):
-        f_hat = h if force_not_quantize else self.quantize.quantize_scales(h)[0]
-        return self.decoder(self.post_quant_conv(f_hat))
 
     @torch.no_grad()
     def encode_codes(self, x):

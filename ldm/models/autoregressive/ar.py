@@ -127,7 +127,7 @@ class NextScaleTextToImage(ARTextToImage):
 
     def code_loss(self, ce):
         if not self.balance_scales:
-            return ce.mean()
+            return super().code_loss(ce)
         sizes = self.first_stage_model.quantize.codes_per_scale()
         return torch.stack([part.mean() for part in ce.split(sizes, dim=1)]).mean()
 

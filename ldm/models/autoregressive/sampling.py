@@ -65,12 +65,12 @@ def sample_scales(transformer, quantizer, context, null_context, scale=1.0, temp
     scale (MultiScaleQuantizer), is the next step's input. callback(k) after each scale.
     """
     caches, halves = guidance_caches(transformer, context, null_context, scale), 2 if scale != 1.0 else 1
-    f_hat, codes, inputs = None, [], None
+    f_hat, codes, inputs = quantizer.empty_features(context), [], None
     for k, s in enumerate(quantizer.scales):
         idx = draw(transformer.step(inputs, caches), scale, temperature, top_k, top_p, generator)
         codes.append(idx)
         if k + 1 < len(quantizer.scales):
-            f_hat = quantizer.add_scale(quantizer.empty_features(idx) if f_hat is None else f_hat, idx.view(-1, s, s), k)
+            f_hat = quantizer.add_scale(f_hat, idx.view(-1, s, s), k)
             inputs = quantizer.resized(f_hat, k + 1).repeat(halves, 1, 1)
         if callback is not None:
             callback(k)
