@@ -82,6 +82,28 @@ def test_initial_vector_is_the_mean_of_the_init_word(make_encoder, kind, injecti
 
 
 @pytest.mark.parametrize("kind", ENCODERS)
+def test_several_output_vectors_start_from_each_occurrence_and_stay_apart(make_encoder, kind):
+    """Cross-attention sees no position in its context: equal output vectors would train as one."""
+    encoder = make_encoder(kind)
+    pieces = encoder.word_token_ids("teddybear")
+    manager = EmbeddingManager(encoder, ["<t>"], ["teddybear"], num_vectors_per_token=3, injection="output")
+    prompt = "A photo of a teddybear teddybear teddybear"
+    with torch.no_grad():
+        tokens = encoder.tokenize([prompt])[0].tolist()
+        start = max(i for i in range(len(tokens)) if tokens[i:i + 3 * len(pieces)] == pieces * 3)
+        states = encoder.encode([prompt])[0, start:start + 3 * len(pieces)]
+    vectors = manager.string_to_param_dict["<t>"]
+    torch.testing.assert_close(vectors.detach(), states.unflatten(0, (3, -1)).mean(1))
+    torch.manual_seed(0)  # one cross-attention read of the context, positions unseen
+    keys, values, query = torch.nn.Linear(vectors.shape[-1], 8), torch.nn.Linear(vectors.shape[-1], 8), torch.randn(8)
+    context = encoder.encode(["a photo of <t>"], embedding_manager=manager)[0]
+    (keys(context) @ query).softmax(0).matmul(values(context)).square().sum().backward()
+    grads = vectors.grad
+    assert torch.cdist(vectors.detach(), vectors.detach()).triu(1).max() > 0
+    assert torch.cdist(grads, grads).triu(1).max() > 0
+
+
+@pytest.mark.parametrize("kind", ENCODERS)
 def test_pieces_mode_gives_one_piece_per_vector(make_encoder, kind):
     encoder = make_encoder(kind)
     pieces = encoder.word_token_ids("teddybear")

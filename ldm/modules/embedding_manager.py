@@ -6,7 +6,7 @@ nothing of the diffusion model. Two injection points, chosen in the config:
   through the frozen encoder;
 - `output` (seeds/000's design): the vectors replace the encoder's final states at the placeholder's
   positions; the encoder runs without autograd, and a vector starts from the encoder's states of its
-  initializer word in "A photo of a {word}".
+  initializer word in "A photo of a {word}" (n vectors: of its n occurrences in "A photo of a {word} ... {word}").
 Placeholder positions are found by token id. Ids past the encoder's embedding table (placeholders
 registered as new tokens) never reach it: the manager looks up an in-table id there first.
 """

@@ -95,12 +95,16 @@ class PlaceholderVocabulary:
         Without pieces: zeros for init_mode 'zero', else uniform [0, 1) (the reference). With pieces:
         the mean of their vectors for every vector ('mean'), or one piece per vector ('pieces'). The
         vectors are token-embedding rows for injection 'input', and for 'output' the encoder's final
-        states at the word's positions in INIT_PROMPT.
+        states at the word's positions in INIT_PROMPT. Output 'mean' with n vectors writes the word n times
+        into INIT_PROMPT and starts vector k from its k-th occurrence: cross-attention sees no position in
+        its context, so n equal output vectors would get equal gradients and stay one vector n times over.
         """
         weight = self.encoder.token_embedding.weight
         if pieces is None:
             make = torch.zeros if init_mode == "zero" else torch.rand
             return make(num_vectors, self.token_dim, device=weight.device, dtype=weight.dtype)
+        if init_mode == "mean" and injection == "output":
+            return self._states_at(word, pieces, num_vectors).unflatten(0, (num_vectors, -1)).mean(1)
         rows = weight[pieces].detach() if injection == "input" else self._states_at(word, pieces)
         if init_mode == "mean":
             return rows.mean(0).expand(num_vectors, -1).clone()
@@ -111,11 +115,12 @@ class PlaceholderVocabulary:
         return rows.clone()
 
     @torch.no_grad()
-    def _states_at(self, word, pieces):
-        """(k, D) final states of the encoder at the k pieces of `word` inside INIT_PROMPT."""
-        prompt = INIT_PROMPT.format(word)
-        start = find_last(self.encoder.tokenize([prompt])[0].tolist(), list(pieces))
+    def _states_at(self, word, pieces, repeats=1):
+        """(repeats * k, D) final states of the encoder at the k pieces of each of `repeats` occurrences of
+        `word` in INIT_PROMPT (the word written `repeats` times)."""
+        prompt = INIT_PROMPT.format(" ".join([word] * repeats))
+        start = find_last(self.encoder.tokenize([prompt])[0].tolist(), list(pieces) * repeats)
         if start is None:
             raise ValueError(f"initializer word '{word}' tokenizes differently inside '{prompt}': pick another word "
                              "or use injection: input")
-        return self.encoder.encode([prompt])[0, start:start + len(pieces)].detach()
+        return self.encoder.encode([prompt])[0, start:start + repeats * len(pieces)].detach()

@@ -33,8 +33,11 @@ def draw(logits, scale, temperature, top_k, top_p, generator):
 
 
 def guidance_caches(transformer, context, null_context, scale):
-    """Caches of the text (and, with guidance, the unconditional context as a second half of the batch)."""
-    return transformer.start_cache(torch.cat([context, null_context.expand_as(context)]) if scale != 1.0 else context)
+    """-> (caches, halves): caches of the text and, with guidance (scale != 1), of the unconditional context as a
+    second half of the batch; halves is 2 with guidance, else 1."""
+    if scale == 1.0:
+        return transformer.start_cache(context), 1
+    return transformer.start_cache(torch.cat([context, null_context.expand_as(context)])), 2
 
 
 @torch.no_grad()
@@ -45,7 +48,7 @@ def sample_codes(transformer, context, null_context, scale=1.0, temperature=1.0,
     With guidance the conditional and unconditional halves run as one batch of 2B through cached
     keys and values; logits are u + scale (c - u).
     """
-    caches, halves = guidance_caches(transformer, context, null_context, scale), 2 if scale != 1.0 else 1
+    caches, halves = guidance_caches(transformer, context, null_context, scale)
     codes, last = [], None
     for i in range(transformer.n_positions):
         logits = transformer.step(None if last is None else last.repeat(halves), caches)
@@ -64,7 +67,7 @@ def sample_scales(transformer, quantizer, context, null_context, scale=1.0, temp
     Each scale's codes are drawn together from its logits; the sum of the scales so far, resized to the next
     scale (MultiScaleQuantizer), is the next step's input. callback(k) after each scale.
     """
-    caches, halves = guidance_caches(transformer, context, null_context, scale), 2 if scale != 1.0 else 1
+    caches, halves = guidance_caches(transformer, context, null_context, scale)
     f_hat, codes, inputs = quantizer.empty_features(context), [], None
     for k, s in enumerate(quantizer.scales):
         idx = draw(transformer.step(inputs, caches), scale, temperature, top_k, top_p, generator)
