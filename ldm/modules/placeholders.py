@@ -103,11 +103,12 @@ class PlaceholderVocabulary:
         if pieces is None:
             make = torch.zeros if init_mode == "zero" else torch.rand
             return make(num_vectors, self.token_dim, device=weight.device, dtype=weight.dtype)
-        if init_mode == "mean" and injection == "output":
-            return self._states_at(word, pieces, num_vectors).unflatten(0, (num_vectors, -1)).mean(1)
-        rows = weight[pieces].detach() if injection == "input" else self._states_at(word, pieces)
-        if init_mode == "mean":
-            return rows.mean(0).expand(num_vectors, -1).clone()
+        if injection == "input":
+            rows = weight[pieces].detach()
+        else:  # 'mean': one occurrence of the word per vector; 'pieces': one occurrence
+            rows = self._states_at(word, pieces, num_vectors if init_mode == "mean" else 1)
+        if init_mode == "mean":  # rows: one or n occurrences of the k pieces -> their mean per occurrence
+            return rows.unflatten(0, (-1, len(pieces))).mean(1).expand(num_vectors, -1).clone()
         if len(pieces) != num_vectors:
             raise ValueError(f"init_mode 'pieces' gives each vector one piece of the initializer word, but it has "
                              f"{len(pieces)} pieces {pieces} and num_vectors_per_token is {num_vectors}: set "
