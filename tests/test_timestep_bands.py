@@ -126,3 +126,32 @@ def test_models_without_timesteps_refuse_banded_vectors(tiny_bert):
     model.embedding_manager = EmbeddingManager(tiny_bert, ["*"], ["dog"], timestep_bands=[400])
     with pytest.raises(ValueError, match="has no timesteps"):
         model.get_learned_conditioning(["a photo of *"])
+
+
+def test_band_overlap_trains_each_set_past_its_edge_and_sampling_keeps_hard_edges(banded, monkeypatch):
+    """band_overlap=w: a t within w of an edge trains either side's vectors, 50/50; farther away, only its own."""
+    model = banded.model
+    t = torch.full((4000,), 350)
+    assert torch.equal(model.jitter_for_bands(t), t)  # default 0: hard edges
+    monkeypatch.setattr(model, "band_overlap", 100)
+    assert 0.45 < model.timestep_band(model.jitter_for_bands(t)).float().mean() < 0.55
+    assert model.timestep_band(model.jitter_for_bands(torch.full((500,), 299))).max() == 0
+    assert model.timestep_band(model.jitter_for_bands(torch.full((500,), 500))).min() == 1
+    assert model.timestep_band(torch.tensor([399, 400])).tolist() == [0, 1]  # what sampling asks: hard edges
+
+
+@pytest.mark.parametrize("bad", [-1, 1000])
+def test_band_overlap_outside_the_schedule_is_refused(bad):
+    from ldm.models.diffusion.ddpm import _band_overlap
+
+    with pytest.raises(ValueError, match=f"band_overlap={bad} is not a timestep count"):
+        _band_overlap(bad, 1000)
+
+
+def test_band_probe_places_the_low_and_high_sets():
+    from check.band_probe import placed
+
+    v = torch.arange(8.0).reshape(4, 2)  # two vectors per band: rows 0-1 low, rows 2-3 high
+    assert torch.equal(placed(v, "as-trained"), v)
+    assert torch.equal(placed(v, "high-everywhere"), torch.cat([v[2:], v[2:]]))
+    assert torch.equal(placed(v, "low-everywhere"), torch.cat([v[:2], v[:2]]))

@@ -44,7 +44,7 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
                  cond_stage_key="caption", conditioning_key="crossattn", cond_stage_trainable=False,
                  embedding_reg_weight=0.0, cond_drop_prob=0.0, latent_cache=False, channels_last=False,
                  compile=False, ckpt_path=None, ignore_keys=(), train_embedding=True, trainable_modules=None,
-                 train_timesteps=None, train_timesteps_p=1.0, **reference_options):
+                 train_timesteps=None, train_timesteps_p=1.0, band_overlap=0, **reference_options):
         super().__init__()
         self.reference = _ReferenceOptions(**reference_options)
         self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas,
@@ -58,6 +58,7 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
         if not 0.0 <= train_timesteps_p <= 1.0:
             raise ValueError(f"train_timesteps_p={train_timesteps_p} is not a probability: use a value in [0, 1]")
         self.train_timesteps_p = float(train_timesteps_p)
+        self.band_overlap = _band_overlap(band_overlap, self.num_timesteps)
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.first_stage_model = freeze(instantiate_from_config(first_stage_config))
         self.setup_conditioning(cond_stage_config, personalization_config, cond_stage_trainable, train_embedding,
@@ -124,8 +125,21 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
         z0 = self.latents_from_batch(batch)
         captions = self.captions_from_batch(batch)
         t = self.draw_timesteps(z0.shape[0], z0.device)
-        c = self.conditioning_by_band(captions, self.timestep_band(t))
+        c = self.conditioning_by_band(captions, self.timestep_band(self.jitter_for_bands(t)))
         return self.add_embedding_regulariser(*self.p_losses(z0, c, t))
+
+    def jitter_for_bands(self, t):
+        """t: (B,) int64 -> (B,) int64, t moved by +band_overlap or -band_overlap at random (training only).
+
+        The band of the moved t picks the vectors a training sample conditions on (the loss stays at t): a t within
+        band_overlap of an edge trains either neighbouring set, 50/50, so both learn from that zone, while sampling
+        keeps hard edges. E.g. edges [600] with band_overlap 200: [0, 400) trains the low set, [800, 1000) the
+        high one, [400, 800) both.
+        """
+        if not self.band_overlap:
+            return t
+        sign = torch.randint(0, 2, t.shape, device=t.device) * 2 - 1
+        return (t + sign * self.band_overlap).clamp(0, self.num_timesteps - 1)
 
     def timestep_band(self, t):
         """t: (B,) int64 -> (B,) int64, the embedding manager's timestep band of each t (0 without bands)."""
@@ -169,6 +183,14 @@ def _timestep_range(value, num_timesteps):
         raise ValueError(f"train_timesteps={list(value)} is not a range inside [0, {num_timesteps}): "
                          f"give [lo, hi] with 0 <= lo < hi <= {num_timesteps}")
     return lo, hi
+
+
+def _band_overlap(value, num_timesteps):
+    """How far past its edges each timestep band's vectors train: 0 (hard edges) up to num_timesteps - 1."""
+    if not 0 <= int(value) < num_timesteps:
+        raise ValueError(f"band_overlap={value} is not a timestep count: use 0 (hard band edges) or a "
+                         f"value below {num_timesteps}, e.g. 150")
+    return int(value)
 
 
 class _ReferenceOptions:

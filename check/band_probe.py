@@ -1,0 +1,78 @@
+"""Which timestep band's vectors decide what: sample a banded embedding with its sets moved around.
+
+    python check/band_probe.py --concept checker_circle --embedding outputs/concept_embeddings/checker_circle_seed23.pt
+    python check/band_probe.py --concept checker_circle --embedding E --edges 550 700 850 --sets as-trained
+
+For a two-band embedding (one set of vectors below the edge, one above) and each of the concept's prompts
+("a photo of a *" and its edits), n samples are read analytically and the counts of every attribute value are
+printed, for each way of placing the sets: as trained, the high set at every t, the low set at every t; and,
+with --edges, the sets as trained but the edge moved to each given timestep at sampling.
+"""
+import argparse
+import collections
+import json
+import os
+import sys
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from check.concept_eval import FIDELITY_PROMPT  # noqa: E402
+from check.concept_table import FINETUNE, MODEL_DIR, make_sampler  # noqa: E402
+from ldm.data.shapes_readers import read_attributes  # noqa: E402
+from load import load_model_from_config  # noqa: E402
+
+PLACEMENTS = ("as-trained", "high-everywhere", "low-everywhere")
+
+
+def placed(vectors, placement):
+    """vectors: (2n, D), the low set then the high set -> (2n, D) with the sets placed as `placement` says."""
+    low, high = vectors.chunk(2)
+    return {"as-trained": vectors, "high-everywhere": torch.cat([high, high]),
+            "low-everywhere": torch.cat([low, low])}[placement]
+
+
+def value_counts(images):
+    """images: list of (H, W, 3) uint8 -> {attribute: Counter of read values}."""
+    reads = [read_attributes(img) for img in images]
+    return {a: collections.Counter(r[a] for r in reads) for a in reads[0]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concept", required=True, help="a dataset/<concept>/ name (its prompts and init word)")
+    p.add_argument("--embedding", required=True, help="an embedding file trained with two timestep bands")
+    p.add_argument("--sets", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
+    p.add_argument("--edges", nargs="*", type=int, default=[], help="sampling edges to try with the sets as trained")
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--scale", type=float, default=3.0)
+    args = p.parse_args(argv)
+
+    spec = json.load(open(os.path.join("dataset", args.concept, "concept.json")))
+    config = OmegaConf.merge(OmegaConf.load(f"{MODEL_DIR}/config.yaml"), OmegaConf.load(FINETUNE))
+    model = load_model_from_config(config, f"{MODEL_DIR}/model.safetensors")
+    manager = model.embedding_manager
+    manager.load(args.embedding)
+    if len(manager.timestep_bands) != 1:
+        raise SystemExit(f"error: {args.embedding} has timestep bands {list(manager.timestep_bands)}; "
+                         "this probe takes a two-band embedding (one edge)")
+    generate = make_sampler(model, 50, args.scale, 0)
+    param = manager.string_to_param_dict["*"]
+    trained, edge = param.detach().clone(), manager.timestep_bands
+    runs = [(placement, edge) for placement in args.sets] + [("as-trained", (e,)) for e in args.edges]
+    for placement, edges in runs:
+        param.data.copy_(placed(trained, placement))
+        manager.timestep_bands = edges
+        for prompt in [FIDELITY_PROMPT] + [e["prompt"] for e in spec["edits"]]:
+            counts = value_counts(generate(prompt, args.n))
+            summary = "; ".join(f"{a} " + ", ".join(f"{v} {c}" for v, c in counts[a].most_common())
+                                for a in ("colour", "pattern", "background", "outline"))
+            print(f"{placement} (edge {edges[0]}) | {prompt} | {summary}", flush=True)
+    param.data.copy_(trained)
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        main()
