@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from check.concept_eval import FIDELITY_PROMPT  # noqa: E402
 from check.concept_table import FINETUNE, MODEL_DIR, make_sampler  # noqa: E402
+from ldm.data.shapes_palette import UNNAMED  # noqa: E402
 from ldm.data.shapes_readers import read_attributes  # noqa: E402
 from load import load_model_from_config  # noqa: E402
 
@@ -68,7 +69,7 @@ def main(argv=None):
         for prompt in [FIDELITY_PROMPT] + [e["prompt"] for e in spec["edits"]]:
             counts = value_counts(generate(prompt, args.n))
             summary = "; ".join(f"{a} " + ", ".join(f"{v} {c}" for v, c in counts[a].most_common())
-                                for a in ("colour", "pattern", "background", "outline"))
+                                for a in ("colour", *UNNAMED))
             print(f"{placement} (edge {edges[0]}) | {prompt} | {summary}", flush=True)
     param.data.copy_(trained)
 
