@@ -1,7 +1,9 @@
 """The next-scale (VAR-style) path: a multi-scale residual quantiser on taming's codebook, a block-causal
 transformer over its token maps, and cached sampling that gives the teacher-forced logits."""
+import pytest
 import torch
 
+from ldm.models.autoregressive.ar import check_scales
 from ldm.models.autoregressive.transformer import NextScaleTransformer
 from ldm.modules.multiscale_quantize import MultiScaleQuantizer
 
@@ -83,3 +85,11 @@ def test_warm_start_copies_the_tensors_that_fit(tmp_path):
     after = target.state_dict()
     assert torch.equal(after["blocks.weight"], source.blocks.weight)
     assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("blocks."))
+
+
+def test_model_scales_must_agree():
+    check_scales((1, 2, 4), (1, 2, 4), 4)
+    with pytest.raises(ValueError, match="differ from the first stage"):
+        check_scales((1, 2, 8), (1, 2, 4), 4)
+    with pytest.raises(ValueError, match=r"image_size=8 is not the finest scale 4: set model.params.image_size"):
+        check_scales((1, 2, 4), (1, 2, 4), 8)

@@ -124,6 +124,7 @@ class NextScaleTextToImage(ARTextToImage):
     def __init__(self, *args, balance_scales=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.balance_scales = balance_scales
+        check_scales(self.transformer.scales, self.first_stage_model.quantize.scales, self.image_size)
 
     def code_loss(self, ce):
         if not self.balance_scales:
@@ -150,3 +151,13 @@ class NextScaleTextToImage(ARTextToImage):
     @property
     def sampling_steps(self):
         return len(self.transformer.scales)
+
+
+def check_scales(transformer_scales, quantizer_scales, image_size):
+    """The transformer predicts the quantiser's token maps, and image_size (codes per side) is the finest one."""
+    if tuple(transformer_scales) != tuple(quantizer_scales):
+        raise ValueError(f"transformer scales {list(transformer_scales)} differ from the first stage's "
+                         f"{list(quantizer_scales)}: give transformer_config and first_stage_config the same scales")
+    if image_size != quantizer_scales[-1]:
+        raise ValueError(f"image_size={image_size} is not the finest scale {quantizer_scales[-1]}: set "
+                         f"model.params.image_size to {quantizer_scales[-1]}")
