@@ -25,9 +25,9 @@ from omegaconf import OmegaConf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from check.concept_eval import evaluate_concept, format_table  # noqa: E402
-from check.concept_table import FINETUNE, MODEL_DIR, load_specs, make_sampler, train_concept  # noqa: E402
+from check.concept_table import (FINETUNE, MODEL_DIR, load_specs, load_ti_model, make_sampler,  # noqa: E402
+                                 train_concept)
 from ldm.util import atomic_path, atomic_write_text  # noqa: E402
-from load import load_model_from_config  # noqa: E402
 from txt2img import load_modules, modules_beside  # noqa: E402
 
 VARIANTS = "configs/ablations"
@@ -57,9 +57,7 @@ def run_metrics(logdir):
 
 def evaluate_run(run, overlays, overrides, weights, spec, args):
     """Fidelity and editability of the run's `*` on a fresh model built like the run."""
-    config = OmegaConf.merge(*[OmegaConf.load(p) for p in [f"{MODEL_DIR}/config.yaml", FINETUNE, *overlays]],
-                             OmegaConf.from_dotlist(overrides))
-    model = load_model_from_config(config, weights)
+    model = load_ti_model("ldm", weights, overrides, overlays)
     embedding = os.path.join(run.logdir, "checkpoints", "embeddings.pt")
     model.embedding_manager.load(embedding)
     modules = modules_beside(embedding)

@@ -15,15 +15,13 @@ import os
 import sys
 
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from check.concept_eval import FIDELITY_PROMPT  # noqa: E402
-from check.concept_table import FINETUNE, MODEL_DIR, make_sampler  # noqa: E402
+from check.concept_table import load_ti_model, make_sampler  # noqa: E402
 from ldm.data.shapes_palette import UNNAMED  # noqa: E402
 from ldm.data.shapes_readers import read_attributes  # noqa: E402
-from load import load_model_from_config  # noqa: E402
 
 PLACEMENTS = ("as-trained", "high-everywhere", "low-everywhere")
 
@@ -52,8 +50,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     spec = json.load(open(os.path.join("dataset", args.concept, "concept.json")))
-    config = OmegaConf.merge(OmegaConf.load(f"{MODEL_DIR}/config.yaml"), OmegaConf.load(FINETUNE))
-    model = load_model_from_config(config, f"{MODEL_DIR}/model.safetensors")
+    model = load_ti_model()
     manager = model.embedding_manager
     manager.load(args.embedding)
     if len(manager.timestep_bands) != 1:

@@ -73,6 +73,16 @@ def train_concept(spec, weights, logdir, extra=(), overlays=(), model="ldm", see
                            *(["--seed", str(seed)] if seed is not None else [])])
 
 
+def load_ti_model(model="ldm", weights=None, overrides=(), extra_configs=()):
+    """The shipped `model` with its default TI configs, `extra_configs` and the `model.` entries of the key=value
+    `overrides` merged in: the model settings the TI runs trained with (weights: the shipped ones by default)."""
+    model_dir, finetunes = MODELS[model]
+    model_overrides = OmegaConf.from_dotlist([o for o in overrides if o.startswith("model.")])
+    configs = [f"{model_dir}/config.yaml", *finetunes, *extra_configs]
+    config = OmegaConf.merge(*map(OmegaConf.load, configs), model_overrides)
+    return load_model_from_config(config, weights or f"{model_dir}/model.safetensors")
+
+
 def make_sampler(model, steps, scale, seed, sampler="ddim"):
     """generate(prompt, n) -> list of uint8 (32, 32, 3), batched, seeded per prompt, through txt2img's code path.
 
@@ -230,10 +240,7 @@ def tables(args):
     weights = args.weights or f"{model_dir}/model.safetensors"
     train_missing(specs, weights, args)
 
-    configs = [f"{model_dir}/config.yaml", *finetunes] + ([V2] if args.korean else [])
-    model_overrides = OmegaConf.from_dotlist([o for o in args.train_overrides if o.startswith("model.")])
-    config = OmegaConf.merge(*map(OmegaConf.load, configs), model_overrides)  # the TI runs' model settings
-    model = load_model_from_config(config, weights)
+    model = load_ti_model(args.model, weights, args.train_overrides, [V2] if args.korean else [])
     generate = make_sampler(model, args.ddim_steps, args.scale, args.seed, args.sampler)
     if args.korean:
         generate = in_korean(generate)
