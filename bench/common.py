@@ -8,8 +8,9 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from ldm.modules.attention import CrossAttention, SpatialTransformer
+from ldm.modules.attention import GEGLU, CrossAttention, SpatialTransformer
 from ldm.modules.diffusionmodules.util import Conv2d
+from ldm.modules.x_transformer import Attention as BertAttention
 from ldm.util import instantiate_from_config
 from load import load_state_dict_into
 
@@ -28,13 +29,14 @@ def build(config, ckpt, ours, device):
     """The TI model as we run it (`ours`) or as the original code runs it; same weights either way.
 
     Original: no latent cache (first stage re-encodes every step), no gradient checkpointing.
-    Ours: the cache, and the checkpointing, torch.compile and timestep bands the config asks for (UNet, and LDM
-    BERT where it has the option). The original holds one set of vectors. Frozen weights have
-    requires_grad=False in both, as the original freezes them.
+    Ours: the cache, and the checkpointing, torch.compile, timestep bands and injection point the config asks for
+    (UNet, and LDM BERT where it has the option). The original holds one set of vectors at the encoder's input.
+    Frozen weights have requires_grad=False in both, as the original freezes them.
     """
     params = config.model.params
     if not ours and params.get("personalization_config") is not None:
         OmegaConf.update(params, "personalization_config.params.timestep_bands", [], merge=False)
+        OmegaConf.update(params, "personalization_config.params.injection", "input", merge=False)
     params.latent_cache = bool(ours)
     params.compile = bool(ours) and bool(params.get("compile", False))
     for node in (params.unet_config.params, params.cond_stage_config.get("params")):
@@ -49,10 +51,11 @@ def build(config, ckpt, ours, device):
 
 @contextlib.contextmanager
 def implementation(ours):
-    """Ours: scaled_dot_product_attention, frozen convolutions that keep only the weight for backward, 1x1
-    projections as matrix products. Original: explicit einsum + softmax in fp32, autograd's convolutions (they
-    keep the input too)."""
-    switches = ((CrossAttention, "use_sdpa"), (Conv2d, "lean"), (SpatialTransformer, "linear_projections"))
+    """Ours: scaled_dot_product_attention (UNet and LDM BERT), frozen convolutions that keep only the weight for backward, 1x1
+    projections as matrix products, the GEGLU gate keeping only its input. Original: explicit einsum + softmax in
+    fp32, autograd's convolutions (they keep the input too) and GEGLU graph."""
+    switches = ((CrossAttention, "use_sdpa"), (BertAttention, "use_sdpa"), (Conv2d, "lean"),
+                (SpatialTransformer, "linear_projections"), (GEGLU, "fused"))
     previous = [getattr(cls, name) for cls, name in switches]
     for cls, name in switches:
         setattr(cls, name, bool(ours))

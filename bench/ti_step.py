@@ -58,13 +58,15 @@ class Variant:
         self.opt = torch.optim.AdamW(self.model.trainable_parameters(), lr=1e-3)
         self.autocast = precision if ours else "fp32"
 
-    def fill_cache(self, pool):
-        """Encode every pool image once, as the first pass over a TI dataset does: the steps measured
-        afterwards are the steady state (a few random warm-up batches may miss some images)."""
-        if self.model.latent_cache is not None:
-            with torch.no_grad():
+    def fill_cache(self, pool, templates):
+        """Encode every pool image and caption once, as the first pass over a TI dataset does: the steps measured
+        afterwards are the steady state (a few random warm-up batches may miss some). Captions are memoised by
+        the tokenizer, and with output injection their encoder states too."""
+        with torch.no_grad():
+            if self.model.latent_cache is not None:
                 for image in pool:
                     self.model.latents_from_batch({"image": image[None].to(self.device)})
+            self.model.get_learned_conditioning([t.format("*") for t in templates])
 
     def step(self, batch):
         batch = {"image": batch["image"].to(self.device), "caption": batch["caption"]}
@@ -99,8 +101,9 @@ def memory_child(args):
     config = load_config(args.config, args.overrides)
     v = Variant(config, args.ckpt, args.memory_of == "ours", args.device, args.precision)
     pool = image_pool(args.size or config.model.params.first_stage_config.params.ddconfig.resolution)
-    data = list(batches(pool, args.batch, args.warmup + 4, caption_templates(config)))
-    v.fill_cache(pool)
+    templates = caption_templates(config)
+    data = list(batches(pool, args.batch, args.warmup + 4, templates))
+    v.fill_cache(pool, templates)
     for b in data[: args.warmup]:
         v.step(b)
     print(json.dumps({"peak_mib": peak_memory(args.device, lambda: [v.step(b) for b in data[args.warmup:]])}))
@@ -140,7 +143,8 @@ def main(argv=None):
     size = args.size or config.model.params.first_stage_config.params.ddconfig.resolution
     ours, orig = (Variant(config, args.ckpt, flag, args.device, args.precision) for flag in (True, False))
     pool, templates = image_pool(size), caption_templates(config)
-    ours.fill_cache(pool)
+    ours.fill_cache(pool, templates)
+    orig.fill_cache(pool, templates)
     times = {"ours": [], "original": []}
     for i, b in enumerate(batches(pool, args.batch, args.warmup + args.steps, templates)):
         for name, v in (("ours", ours), ("original", orig)) if i % 2 else (("original", orig), ("ours", ours)):

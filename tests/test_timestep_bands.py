@@ -83,11 +83,15 @@ def test_a_mixed_batch_encodes_each_row_with_its_own_band(banded):
     model = banded.model
     captions = ["a photo of *", "a good photo of a *", "a photo of *"]
     band = torch.tensor([1, 0, 0])
+    passes = []
     with torch.no_grad():
         per_band = model.banded_conditioning(captions)
+        hook = model.cond_stage_model.token_embedding.register_forward_hook(lambda m, a, o: passes.append(len(o)))
         mixed = model.conditioning_by_band(captions, band)
+        hook.remove()
     expected = torch.stack([per_band[k][i] for i, k in enumerate(band.tolist())])
     assert torch.allclose(mixed, expected, atol=1e-6) and not torch.allclose(mixed[0], mixed[2])
+    assert passes == [3]  # one pass of the encoder over the three distinct (caption, band) rows
 
 
 def test_edges_past_the_schedule_are_refused(banded, monkeypatch):

@@ -112,22 +112,34 @@ class TextConditionedModel(pl.LightningModule):
         return {k: v.detach() for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
     # ---- conditioning ---------------------------------------------------------------------------
-    def get_learned_conditioning(self, c):
-        """c: list of B strings -> (B, T, D) context (through the embedding manager, its current band).
+    def get_learned_conditioning(self, c, band=0):
+        """c: list of B strings, band: the manager's timestep band, an int or (B,) int64 per row -> (B, T, D) context.
 
         A TI batch repeats its few templates: with the whole text encoder in eval mode (no dropout to draw
-        per row) each distinct caption is encoded once and its rows are gathered (gradients add up).
+        per row) each distinct (caption, band) is encoded once and its rows are gathered (gradients add up).
         """
         if self.num_bands > 1 and not self.timestep_bands_ok:
             raise ValueError(f"these vectors hold one set per diffusion timestep band "
                              f"{list(self.embedding_manager.timestep_bands)}, but {type(self).__name__} has no "
                              "timesteps: train them without timestep_bands")
         captions = list(c)
-        rows = {caption: k for k, caption in enumerate(dict.fromkeys(captions))}
-        if len(rows) == len(captions) or any(m.training for m in self.cond_stage_model.modules()):
+        keys = list(zip(captions, band.tolist() if torch.is_tensor(band) else [band] * len(captions)))
+        rows = {key: k for k, key in enumerate(dict.fromkeys(keys))}
+        if len(rows) == len(keys) or any(m.training for m in self.cond_stage_model.modules()):
+            return self._encode(captions, band)
+        unique_band = torch.tensor([k for _, k in rows], device=band.device) if torch.is_tensor(band) else band
+        context = self._encode([caption for caption, _ in rows], unique_band)
+        return context[torch.tensor([rows[key] for key in keys], device=context.device)]
+
+    def _encode(self, captions, band):
+        if self.num_bands == 1:
             return self.cond_stage_model.encode(captions, embedding_manager=self.embedding_manager)
-        context = self.cond_stage_model.encode(list(rows), embedding_manager=self.embedding_manager)
-        return context[torch.tensor([rows[caption] for caption in captions], device=context.device)]
+        manager = self.embedding_manager
+        manager.band = band
+        try:
+            return self.cond_stage_model.encode(captions, embedding_manager=manager)
+        finally:
+            manager.band = 0
 
     @property
     def num_bands(self):
@@ -136,30 +148,12 @@ class TextConditionedModel(pl.LightningModule):
 
     def banded_conditioning(self, captions):
         """-> list of (B, T, D) contexts of `captions`, one per timestep band of the manager (one without bands)."""
-        return [self._conditioning_in_band(captions, k) for k in range(self.num_bands)]
+        return [self.get_learned_conditioning(captions, k) for k in range(self.num_bands)]
 
     def conditioning_by_band(self, captions, band):
-        """captions: B strings, band: (B,) int64 -> (B, T, D), row b through the vectors of timestep band band[b].
-
-        Each caption is encoded in its own band only, so a TI step with bands encodes no more rows than one without.
-        """
-        if self.num_bands == 1:
-            return self.get_learned_conditioning(captions)
-        groups = [(k, (band == k).nonzero().flatten().cpu()) for k in band.unique().tolist()]
-        parts = [self._conditioning_in_band([captions[i] for i in rows.tolist()], k) for k, rows in groups]
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat(parts)[torch.cat([rows for _, rows in groups]).argsort().to(parts[0].device)]
-
-    def _conditioning_in_band(self, captions, band):
-        if self.num_bands == 1:
-            return self.get_learned_conditioning(captions)
-        manager = self.embedding_manager
-        manager.band = band
-        try:
-            return self.get_learned_conditioning(captions)
-        finally:
-            manager.band = 0
+        """captions: B strings, band: (B,) int64 -> (B, T, D), row b through the vectors of timestep band band[b],
+        in one pass of the text encoder."""
+        return self.get_learned_conditioning(captions, band if self.num_bands > 1 else 0)
 
     def captions_from_batch(self, batch):
         """The batch's captions; while pretraining, each is dropped to "" with probability cond_drop_prob."""

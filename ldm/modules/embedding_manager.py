@@ -5,8 +5,9 @@ nothing of the diffusion model. Two injection points, chosen in the config:
 - `input` (the paper): the vectors replace the placeholder's token embeddings; gradients flow
   through the frozen encoder;
 - `output` (seeds/000's design): the vectors replace the encoder's final states at the placeholder's
-  positions; the encoder runs without autograd, and a vector starts from the encoder's states of its
-  initializer word in "A photo of a {word}" (n vectors: of its n occurrences in "A photo of a {word} ... {word}").
+  positions; the encoder runs without autograd, its states memoised per caption (StateCache), and a vector
+  starts from the encoder's states of its initializer word in "A photo of a {word}" (n vectors: of its n
+  occurrences in "A photo of a {word} ... {word}").
 Placeholder positions are found by token id. Ids past the encoder's embedding table (placeholders
 registered as new tokens) never reach it: the manager looks up an in-table id there first.
 """
@@ -17,6 +18,7 @@ from torch import nn
 
 from ldm.data.personalized import PER_IMAGE_TOKENS
 from ldm.modules.embedding_formats import Embeddings, read_embeddings, write_embeddings
+from ldm.modules.encoders.state_cache import StateCache
 from ldm.modules.placeholder_positions import expand_occurrences, write_vectors
 from ldm.modules.placeholders import INIT_MODES, INJECTIONS, PlaceholderVocabulary
 
@@ -53,7 +55,8 @@ class EmbeddingManager(nn.Module):
     positions, later tokens shift right and the row is cut back to T; the token ids are edited in
     place the same way. Names of attributes and files follow the reference implementation.
     With `timestep_bands` (edges e_1 < ... < e_k) the manager holds k + 1 sets of n vectors, one per band
-    of diffusion timesteps [0, e_1), ..., [e_k, T), stacked as (bands * n, D); `band` picks the set written.
+    of diffusion timesteps [0, e_1), ..., [e_k, T), stacked as (bands * n, D); `band` picks the set written
+    (an int, or a (B,) tensor of one band per row).
     """
 
     def __init__(self, embedder, placeholder_strings=("*",), initializer_words=None, per_image_tokens=False,
@@ -68,6 +71,7 @@ class EmbeddingManager(nn.Module):
         if not placeholders:
             raise ValueError("no placeholder strings given: set placeholder_strings, e.g. ['*']")
         self.vocab = PlaceholderVocabulary(embedder)
+        self.state_cache = StateCache(embedder)
         self.token_dim = self.vocab.token_dim
         self.injection = _choice("injection", injection, INJECTIONS)
         self.init_mode = _choice("init_mode", init_mode, INIT_MODES)
@@ -75,7 +79,7 @@ class EmbeddingManager(nn.Module):
         self.progressive_words = progressive_words
         self.progressive_counter = 0
         self.timestep_bands = _band_edges(timestep_bands)
-        self.band = 0  # which band's vectors `_write` uses; the diffusion model sets it per timestep
+        self.band = 0  # which band's vectors `_write` uses (int or (B,) int64); the diffusion model sets it
         self.string_to_token_dict = {}  # placeholder -> () int64, its (first) token id
         self.placeholder_ids = {}  # placeholder -> one token id per vector
         self.context_ids = {}  # placeholder -> the in-table id the encoder looks up at its positions
@@ -138,6 +142,13 @@ class EmbeddingManager(nn.Module):
         embeds = token_embedding(self.context_tokens(tokens))
         return self._write(tokens, embeds) if self.injection == "input" else embeds
 
+    def frozen_states(self, tokens, token_embedding, body):
+        """Output injection's encoder pass: tokens (B, T) int64 (edited in place as by input_seam), token_embedding,
+        body: (B, T, D) embeddings -> (B, T, D) states, without autograd and memoised per row of looked-up ids."""
+        self._expand(tokens)
+        with torch.no_grad():
+            return self.state_cache(self.context_tokens(tokens), lambda ids: body(token_embedding(ids)))
+
     def output_seam(self, tokens, states):
         """tokens: (B, T) as left by input_seam, states: (B, T, D) final encoder states -> (B, T, D)."""
         return self._write(tokens, states) if self.injection == "output" else states
@@ -162,10 +173,11 @@ class EmbeddingManager(nn.Module):
         return tokens
 
     def _write(self, tokens, x):
-        """x: (B, T, D) -> (B, T, D) with each placeholder's active vectors (of the current band) at its positions."""
+        """x: (B, T, D) -> (B, T, D) with each placeholder's active vectors at its positions, of the timestep band
+        `self.band`: one int for every row, or (B,) int64, a band per row."""
         for placeholder, ids in self.placeholder_ids.items():
-            vectors = self.string_to_param_dict[placeholder].to(x)[self.band * len(ids):(self.band + 1) * len(ids)]
-            x = write_vectors(tokens, x, ids, vectors[:self._active_vectors(len(ids))])
+            sets = self.string_to_param_dict[placeholder].to(x).unflatten(0, (self.num_bands, len(ids)))
+            x = write_vectors(tokens, x, ids, sets[self.band][..., :self._active_vectors(len(ids)), :])
         return x
 
     @property

@@ -17,8 +17,9 @@ def expand_occurrences(tokens, ids, k):
     positions = torch.arange(T, device=tokens.device)
     is_first = tokens == ids[0]
     counts = torch.where(is_first, k, 1)
-    src = torch.stack([positions.repeat_interleave(row)[:T] for row in counts])
-    offset = positions - (counts.cumsum(1) - counts).gather(1, src)  # (B, T) place within its group
+    ends = counts.cumsum(1)  # old position j fills new positions [ends[j] - counts[j], ends[j])
+    src = torch.searchsorted(ends, positions.expand_as(tokens).contiguous(), right=True)
+    offset = positions - (ends - counts).gather(1, src)  # (B, T) place within its group
     group = torch.tensor(ids[:k], device=tokens.device)
     tokens.copy_(torch.where(is_first.gather(1, src), group[offset], tokens.gather(1, src)))
     return src
@@ -42,6 +43,9 @@ def vector_slots(tokens, ids, k):
 
 
 def write_vectors(tokens, x, ids, vectors):
-    """tokens: (B, T), x: (B, T, D), vectors: (k, D) -> (B, T, D) with vector i at the positions of slot i."""
-    slots = vector_slots(tokens, ids, vectors.shape[0])
-    return torch.where((slots >= 0)[..., None], vectors[slots.clamp(min=0)], x)
+    """tokens: (B, T), x: (B, T, D), vectors: (k, D), or (B, k, D) for each row its own
+    -> (B, T, D) with vector i at the positions of slot i."""
+    slots = vector_slots(tokens, ids, vectors.shape[-2])
+    at = slots.clamp(min=0)
+    rows = vectors[at] if vectors.dim() == 2 else vectors[torch.arange(len(at), device=at.device)[:, None], at]
+    return torch.where((slots >= 0)[..., None], rows, x)

@@ -6,10 +6,9 @@ LDM checkpoints load strictly (`token_emb`, `pos_emb.emb`, `attn_layers.layers.{
 `to_logits`).
 """
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
+from ldm.modules.attention import attention
 from ldm.modules.diffusionmodules.util import checkpoint
 from ldm.modules.encoders.base import encode_tokens
 
@@ -29,7 +28,11 @@ class AbsolutePositionalEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention without a mask: pad tokens are attended to, as in the reference."""
+    """Multi-head self-attention without a mask: pad tokens are attended to, as in the reference.
+
+    `Attention.use_sdpa = False` runs the reference's explicit einsum/softmax (the benchmark baseline).
+    """
+    use_sdpa = True
 
     def __init__(self, dim, heads=8, dim_head=64):
         super().__init__()
@@ -42,9 +45,7 @@ class Attention(nn.Module):
 
     def forward(self, x):
         """x: (B, T, D) -> (B, T, D)"""
-        q, k, v = (rearrange(f(x), "b t (h d) -> b h t d", h=self.heads) for f in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v)  # scale dim_head**-0.5
-        return self.to_out(rearrange(out, "b h t d -> b t (h d)"))
+        return self.to_out(attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads, self.use_sdpa))
 
 
 class FeedForward(nn.Module):

