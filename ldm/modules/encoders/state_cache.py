@@ -4,7 +4,7 @@ With output injection a TI run encodes the same few dozen captions at every step
 that never changes, and no gradient flows through it: its states are a function of the ids it looks up.
 The cache is emptied whenever that function may have changed: the encoder's weights replaced or edited
 in place (a tensor's storage or version counter moved: loading a checkpoint, `.to()`), another device,
-or another autocast dtype. An encoder in training mode (dropout) is never cached.
+or another autocast dtype. An encoder with any module in training mode (dropout) is never cached.
 """
 import itertools
 
@@ -27,7 +27,7 @@ class StateCache:
 
     def __call__(self, ids, compute):
         """ids: (B, T) int64, compute: (N, T) ids -> (N, T, D) states -> (B, T, D), a new tensor."""
-        if self.encoder.training or torch.is_grad_enabled():
+        if torch.is_grad_enabled() or any(m.training for m in self.encoder.modules()):
             return compute(ids)
         stamp = self._stamp(ids.device)
         if stamp != self.stamp:
