@@ -51,9 +51,9 @@ def build(config, ckpt, ours, device):
 
 @contextlib.contextmanager
 def implementation(ours):
-    """Ours: scaled_dot_product_attention (UNet and LDM BERT), frozen convolutions that keep only the weight for backward, 1x1
-    projections as matrix products, the GEGLU gate keeping only its input. Original: explicit einsum + softmax in
-    fp32, autograd's convolutions (they keep the input too) and GEGLU graph."""
+    """Ours: scaled_dot_product_attention (UNet and LDM BERT), frozen convolutions that keep only the weight for
+    backward, 1x1 projections as matrix products, the GEGLU gate keeping only its input. Original: explicit einsum +
+    softmax in fp32, autograd's convolutions (they keep the input too) and GEGLU graph."""
     switches = ((CrossAttention, "use_sdpa"), (BertAttention, "use_sdpa"), (Conv2d, "lean"),
                 (SpatialTransformer, "linear_projections"), (GEGLU, "fused"))
     previous = [getattr(cls, name) for cls, name in switches]

@@ -83,3 +83,17 @@ def atomic_write_text(text, path):
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
+
+
+def memoised_rows(memo, keys, compute, limit):
+    """Rows of `keys` from `memo` (a dict key -> tensor row, filled in place) -> (len(keys), ...), a new tensor.
+
+    compute(missing keys, in first-seen order) -> (N, ...) makes the rows not in `memo`; the memo is emptied
+    first when they would take it past `limit` entries.
+    """
+    missing = [k for k in dict.fromkeys(keys) if k not in memo]
+    if missing:
+        if len(memo) + len(missing) > limit:
+            memo.clear()
+        memo.update(zip(missing, compute(missing)))
+    return torch.stack([memo[k] for k in keys])

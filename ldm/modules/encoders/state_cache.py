@@ -10,6 +10,8 @@ import itertools
 
 import torch
 
+from ldm.util import memoised_rows
+
 
 class StateCache:
     """`cache(ids, compute)`: ids (B, T) int64 -> states (B, T, D), running `compute` on the rows not seen."""
@@ -31,13 +33,8 @@ class StateCache:
             return compute(ids)
         stamp = self._stamp(ids.device)
         if stamp != self.stamp:
-            self.rows, self.stamp = {}, stamp
+            self.rows.clear()
+            self.stamp = stamp
         keys = [row.tobytes() for row in ids.cpu().numpy()]
-        missing = list(dict.fromkeys(k for k in keys if k not in self.rows))
-        if missing:
-            if len(self.rows) + len(missing) > self.max_rows:
-                self.rows = {}
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            states = compute(ids[[first[k] for k in missing]])
-            self.rows.update(zip(missing, states))
-        return torch.stack([self.rows[k] for k in keys])
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        return memoised_rows(self.rows, keys, lambda missing: compute(ids[[first[k] for k in missing]]), self.max_rows)

@@ -12,7 +12,7 @@ import os
 import tempfile
 from functools import lru_cache
 
-import torch
+from ldm.util import memoised_rows
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +43,10 @@ class TextTokenizer:
 
     def __call__(self, texts):
         """texts: list of B str -> (B, max_length) int64 on the CPU, a new tensor"""
-        texts = list(texts)
-        missing = [t for t in dict.fromkeys(texts) if t not in self._ids]
-        if missing:
-            if len(self._ids) + len(missing) > MEMO_SIZE:
-                self._ids = {}
-            batch = self.tokenizer(missing, padding="max_length", max_length=self.max_length, truncation=True,
-                                   return_tensors="pt")
-            self._ids.update(zip(missing, batch["input_ids"]))
-        return torch.stack([self._ids[t] for t in texts])
+        def tokenize(missing):
+            return self.tokenizer(missing, padding="max_length", max_length=self.max_length, truncation=True,
+                                  return_tensors="pt")["input_ids"]
+        return memoised_rows(self._ids, list(texts), tokenize, MEMO_SIZE)
 
     def word_ids(self, word):
         """The ids of `word` without start/end tokens."""
@@ -74,7 +69,7 @@ class TextTokenizer:
                 self.tokenizer, self._owns_tokenizer = copy.deepcopy(self.tokenizer), True
             # single_word: 'sks' must not match inside 'asks'
             self.tokenizer.add_tokens([AddedToken(string, single_word=True)])
-            self._ids = {}
+            self._ids.clear()
             self.placeholder_ids[string] = self.tokenizer.convert_tokens_to_ids(string)
         return self.placeholder_ids[string]
 
