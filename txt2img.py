@@ -37,6 +37,8 @@ def get_parser(default_config="configs/latent-diffusion/txt2img-1p4B-eval.yaml",
     p.add_argument("--plms", action="store_true", help="PLMS sampling instead of DDIM (same as --sampler plms)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "plms", "dpmpp_2m"],
                    help="dpmpp_2m: DPM-Solver++(2M), good in about 20 steps")
+    p.add_argument("--spacing", default=None, choices=["uniform", "logsnr"],
+                   help="timestep grid (default: uniform for ddim and plms, as the reference; logsnr for dpmpp_2m)")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="0 is deterministic DDIM")
     p.add_argument("--n_iter", type=int, default=1, help="batches per prompt")
     p.add_argument("--H", type=int, default=256)
@@ -137,7 +139,7 @@ def sample_batch(model, prompts, opt, generator, callback=None):
     shape = latent_shape(model, opt)
     z = sample_latents(model, prompts, (len(prompts),) + shape[1:], steps=opt.ddim_steps, scale=opt.scale,
                        eta=opt.ddim_eta, sampler="plms" if opt.plms else opt.sampler, generator=generator,
-                       callback=callback)
+                       callback=callback, spacing=opt.spacing)
     return model.decode_first_stage(z)
 
 

@@ -8,8 +8,10 @@ import time
 import torch
 from omegaconf import OmegaConf
 
+from ldm.data.personalized import PersonalizedBase
 from ldm.modules.attention import GEGLU, CrossAttention, SpatialTransformer
 from ldm.modules.diffusionmodules.util import Conv2d
+from ldm.modules.encoders.tokenizers import TextTokenizer
 from ldm.modules.x_transformer import Attention as BertAttention
 from ldm.util import instantiate_from_config
 from load import load_state_dict_into
@@ -52,10 +54,13 @@ def build(config, ckpt, ours, device):
 @contextlib.contextmanager
 def implementation(ours):
     """Ours: scaled_dot_product_attention (UNet and LDM BERT), frozen convolutions that keep only the weight for
-    backward, 1x1 projections as matrix products, the GEGLU gate keeping only its input. Original: explicit einsum +
-    softmax in fp32, autograd's convolutions (they keep the input too) and GEGLU graph."""
+    backward, 1x1 projections as matrix products, the GEGLU gate keeping only its input, training images decoded
+    and resized once, caption ids memoised. Original: explicit einsum + softmax in fp32, autograd's convolutions
+    (they keep the input too) and GEGLU graph, every image read from its file and every caption tokenized at every
+    step."""
     switches = ((CrossAttention, "use_sdpa"), (BertAttention, "use_sdpa"), (Conv2d, "lean"),
-                (SpatialTransformer, "linear_projections"), (GEGLU, "fused"))
+                (SpatialTransformer, "linear_projections"), (GEGLU, "fused"), (PersonalizedBase, "memoise"),
+                (TextTokenizer, "memoise"))
     previous = [getattr(cls, name) for cls, name in switches]
     for cls, name in switches:
         setattr(cls, name, bool(ours))

@@ -1,7 +1,9 @@
 """Small helpers shared by every module: config instantiation, atomic writes, defaults."""
 import importlib
+import itertools
 import os
 import tempfile
+import weakref
 from contextlib import contextmanager
 from inspect import isfunction
 
@@ -97,3 +99,19 @@ def memoised_rows(memo, keys, compute, limit):
             memo.clear()
         memo.update(zip(missing, compute(missing)))
     return torch.stack([memo[k] for k in keys])
+
+
+_SUBMODULES = weakref.WeakKeyDictionary()
+
+
+def module_stamp(module, device):
+    """What a memo of a frozen module's outputs depends on: the device, the autocast dtype there, and where each
+    parameter and buffer lives and its version counter (loading a checkpoint, `.to()` or an in-place edit moves
+    them). A memo is stale when the stamp differs from the one it was filled under. The module's submodules are
+    listed once (its tensors are read afresh each time, so a replaced parameter counts)."""
+    if module not in _SUBMODULES:
+        _SUBMODULES[module] = list(module.modules())[1:]  # not the module itself: the entry would keep it alive
+    modules = [module, *_SUBMODULES[module]]
+    tensors = (t for m in modules for t in itertools.chain(m._parameters.values(), m._buffers.values()))
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    return str(device), autocast, tuple((t.data_ptr(), t._version) for t in tensors if t is not None)

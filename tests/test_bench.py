@@ -21,7 +21,8 @@ def test_ti_step_and_sample_benches(monkeypatch, capsys):
     out = capsys.readouterr().out
     peaks = [float(m) for m in re.findall(r"^(?:original|ours)\s+[\d.]+\s+([\d.]+)$", out, re.M)]
     assert len(peaks) == 2 and all(p > 1.0 for p in peaks), out  # steps allocate: the child measures them
-    assert re.search(r"speed-up [\d.]+x, memory ratio [\d.]+", out) and "where our step's time goes" in out
+    assert re.search(r"speed-up [\d.]+x, memory ratio [\d.]+", out) and "where our step's time goes: data" in out
+    assert re.search(r"outside PyTorch's operators .*: \d+-\d+% of our step", out)
     sample.main(["--n", "2", "--steps", "3", "--repeats", "1"])
     out = capsys.readouterr().out
     assert re.search(r"^ours .* 0\.00e\+00$", out, re.M) and "separate" in out

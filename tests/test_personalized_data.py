@@ -92,6 +92,30 @@ def test_flip(folder):
     np.testing.assert_array_equal(flipped, plain[:, ::-1])
 
 
+def test_images_are_read_once_and_keyed_by_content(folder, monkeypatch):
+    data = PersonalizedBase(str(folder), size=16, flip_p=0.0)
+    other_size = PersonalizedBase(str(folder), size=8, flip_p=0.0)[0]["image_key"]
+    monkeypatch.setattr("ldm.data.personalized.load_rgb", lambda path: pytest.fail(f"{path} read again"))
+    first, again = data[0], data[2]  # the same image: from memory, the same key
+    np.testing.assert_array_equal(first["image"], again["image"])
+    assert first["image_key"] == again["image_key"] != data[1]["image_key"]
+    data.flip_p = 1.0
+    flipped = data[0]
+    np.testing.assert_array_equal(flipped["image"], first["image"][:, ::-1])
+    assert flipped["image_key"] == first["image_key"] + ":flip"
+    assert other_size != first["image_key"]  # another size is another content, another key
+
+
+def test_without_memo_every_item_reads_its_file(folder, monkeypatch):
+    monkeypatch.setattr(PersonalizedBase, "memoise", False)
+    data = PersonalizedBase(str(folder), size=16, flip_p=0.0)
+    reads = []
+    monkeypatch.setattr("ldm.data.personalized.load_rgb",
+                        lambda path: reads.append(path) or np.zeros((4, 4, 3), np.uint8))
+    item = data[0]
+    assert reads == [data.image_paths[0]] and "image_key" not in item and item["image"].shape == (16, 16, 3)
+
+
 def test_non_rgb_images_are_converted(tmp_path):
     rgba = np.zeros((4, 4, 4), dtype=np.uint8)
     rgba[..., 0] = 255

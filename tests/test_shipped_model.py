@@ -141,3 +141,17 @@ def test_word_loss_sees_the_outline_word_on_a_concept_without_outline(capsys):
             for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "t=" not in line}
     assert set(rows) == {"(no scene)", "in the library", "in the studio"}
     assert all(lib < studio for lib, studio in zip(rows["in the library"], rows["in the studio"]))
+
+
+def test_sampler_accuracy_table(monkeypatch, capsys):
+    """check/sampler_accuracy.py: each sampler's distance to the 1,000-step solution, from the same noise."""
+    from check import sampler_accuracy
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sampler_accuracy.main(["--steps", "2", "20", "--n", "1", "--samplers", "ddim", "dpmpp_2m",
+                           "--reference_steps", "200"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("ddim", "dpmpp"))}
+    assert rows["ddim"][0] == "uniform" and rows["dpmpp_2m"][0] == "logsnr"
+    errors = {k: [float(v[i]) for i in (1, 4)] for k, v in rows.items()}  # median at 2 and at 20 steps
+    assert all(0 < at20 < at2 for at2, at20 in errors.values()), out

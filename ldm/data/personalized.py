@@ -1,4 +1,5 @@
 """Textual-inversion training images of one object, captioned with prompt templates around the placeholder."""
+import hashlib
 import json
 import os
 import random
@@ -111,6 +112,8 @@ class PersonalizedBase(Dataset):
 
     templates = IMAGENET_TEMPLATES_SMALL
     dual_templates = IMAGENET_DUAL_TEMPLATES_SMALL
+    memoise = True  # keep each image decoded, cropped and resized (False: read at every item, as the reference)
+    memo_bytes = 2 ** 30  # images past this many bytes of memo are read at every item
 
     def __init__(self, data_root, size=None, repeats=100, interpolation="bicubic", flip_p=0.5, set="train",
                  placeholder_token="*", per_image_tokens=False, center_crop=False, mixing_prob=0.25,
@@ -120,8 +123,6 @@ class PersonalizedBase(Dataset):
         if not 0.0 <= class_text_p <= 1.0:
             raise ValueError(f"class_text_p={class_text_p} is not a probability: give a value in [0, 1]")
         self.image_paths = list_images(data_root)
-        for path in self.image_paths:
-            load_rgb(path)  # a corrupt file fails here, naming itself, not mid-training
         self.num_images = len(self.image_paths)
         if per_image_tokens and self.num_images > len(PER_IMAGE_TOKENS):
             raise ValueError(f"per_image_tokens supports at most {len(PER_IMAGE_TOKENS)} images but '{data_root}' "
@@ -139,6 +140,9 @@ class PersonalizedBase(Dataset):
         self.class_text_p = class_text_p
         if templates is not None:
             self.templates = resolve_templates(templates)
+        self._prepared = {}
+        for i in range(self.num_images):
+            self.prepared(i)  # a corrupt file fails here, naming itself, not mid-training
 
     def __len__(self):
         return self._length
@@ -153,17 +157,36 @@ class PersonalizedBase(Dataset):
             return random.choice(self.dual_templates).format(subject, PER_IMAGE_TOKENS[image_index])
         return random.choice(self.templates).format(subject)
 
-    def image(self, image_index):
-        """(H, W, 3) float32 in [-1, 1], cropped, resized and randomly flipped as configured."""
+    def prepared(self, image_index):
+        """-> (H, W, 3) uint8 cropped and resized as configured, and a digest of its content (None without
+        `memoise`); while `memoise` the pair is kept in memory (within `memo_bytes`), so that each file is decoded
+        and resized once per run."""
+        if self.memoise and image_index in self._prepared:
+            return self._prepared[image_index]
         array = load_rgb(self.image_paths[image_index])
         if self.center_crop:
             array = center_crop(array)
         if self.size is not None:
             array = resize_square(array, self.size, self.resample)
+        if not self.memoise:
+            return array, None
+        entry = array, hashlib.blake2b(array.tobytes() + str(array.shape).encode(), digest_size=16).hexdigest()
+        if sum(a.nbytes for a, _ in self._prepared.values()) + array.nbytes <= self.memo_bytes:
+            self._prepared[image_index] = entry
+        return entry
+
+    def image(self, image_index):
+        """-> (H, W, 3) float32 in [-1, 1], cropped, resized and randomly flipped as configured, and its key: the
+        digest of the file's content as prepared, with ":flip" when flipped (what the latent cache keys by)."""
+        array, key = self.prepared(image_index)
         if random.random() < self.flip_p:
-            array = array[:, ::-1]
-        return to_model_range(array)
+            array, key = array[:, ::-1], key and key + ":flip"
+        return to_model_range(array), key
 
     def __getitem__(self, i):
         image_index = i % self.num_images
-        return {"image": self.image(image_index), "caption": self.caption(image_index)}
+        image, key = self.image(image_index)
+        item = {"image": image, "caption": self.caption(image_index)}
+        if key is not None:
+            item["image_key"] = key
+        return item

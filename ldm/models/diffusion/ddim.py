@@ -1,7 +1,7 @@
 """DDIMSampler with the reference's `sample(...)` signature, over the functions in `sampling.py`."""
 import torch
 
-from ldm.models.diffusion.sampling import SAMPLERS, ddim_schedule, guided_eps
+from ldm.models.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, ddim_schedule, guided_eps
 
 
 class DDIMSampler:
@@ -16,7 +16,7 @@ class DDIMSampler:
         """shape: (C, h, w) -> (samples (B, C, h, w), {"x_inter": [...], "pred_x0": [...]}) as the reference."""
         device = conditioning.device
         x = x_T if x_T is not None else torch.randn((batch_size, *shape), generator=generator, device=device)
-        sched = ddim_schedule(self.model.alphas_cumprod, S, eta)
+        sched = ddim_schedule(self.model.alphas_cumprod, S, eta, DEFAULT_SPACING[self.sampler])
         inter = {"x_inter": [x], "pred_x0": [x]}
 
         def record(step, x_k, pred_x0):

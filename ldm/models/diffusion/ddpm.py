@@ -63,7 +63,7 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
         self.first_stage_model = freeze(instantiate_from_config(first_stage_config))
         self.setup_conditioning(cond_stage_config, personalization_config, cond_stage_trainable, train_embedding,
                                 trainable_modules)
-        self.latent_cache = LatentCache() if latent_cache else None
+        self.latent_cache = LatentCache(self.first_stage_model) if latent_cache else None
         if ckpt_path is not None:
             from load import load_state_dict_into
             load_state_dict_into(self, ckpt_path, ignore_prefixes=ignore_keys)
@@ -102,7 +102,8 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
         """-> z0: (B, C, h, w) scaled latents, drawn from the (possibly cached) first-stage posterior."""
         x = images_from_batch(batch, self.first_stage_key)
         if self.latent_cache is not None:
-            posterior = self.latent_cache.posterior(x, self.encode_first_stage)
+            keys = batch.get(f"{self.first_stage_key}_key")  # the dataset's names of the images' content
+            posterior = self.latent_cache.posterior(x, self.encode_first_stage, keys)
         else:
             posterior = self.encode_first_stage(x)
         return self.get_first_stage_encoding(posterior).detach()

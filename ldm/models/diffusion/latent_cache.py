@@ -3,19 +3,26 @@
 The first stage is frozen, so the posterior of an image never changes: it is computed once per
 distinct input tensor (an image and its flip are two entries) and a fresh latent is drawn from it
 at every step, which is exactly the distribution the uncached path samples. Entries are keyed by
-the bytes of the input, so a change of image, size or augmentation can never hit a stale entry.
+the content of the input: the bytes of the tensor, or a key the dataset gives for it (a digest of the
+image as prepared, and its flip: ldm.data.personalized), which spares copying every batch back from the
+GPU to hash it. Either way a change of image, size or augmentation can never hit a stale entry, and
+the cache is emptied when the first stage changes (its weights loaded, moved or edited, another
+autocast dtype).
 """
 import hashlib
 
 import torch
 
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import module_stamp
 
 
 class LatentCache:
-    def __init__(self, max_entries=4096):
+    def __init__(self, first_stage, max_entries=4096):
+        self.first_stage = first_stage
         self.max_entries = max_entries
         self.moments = {}
+        self.stamp = None
         self.hits = self.misses = 0
         self.gaussian = True
 
@@ -24,9 +31,14 @@ class LatentCache:
         """x: (C, H, W) -> content digest."""
         return hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).hexdigest()
 
-    def posterior(self, x, encode):
-        """x: (B, 3, H, W); encode(x) -> posterior. Returns the batch's posterior, encoding only misses."""
-        keys = [self.key(xi) for xi in x]
+    def posterior(self, x, encode, keys=None):
+        """x: (B, 3, H, W); encode(x) -> posterior; keys: B str naming each image's content (default: its bytes'
+        digest). Returns the batch's posterior, encoding only misses."""
+        stamp = module_stamp(self.first_stage, x.device)
+        if stamp != self.stamp:
+            self.moments.clear()
+            self.stamp = stamp
+        keys = [self.key(xi) for xi in x] if keys is None else [f"data:{k}" for k in keys]
         missing = [i for i, k in enumerate(keys) if k not in self.moments]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)

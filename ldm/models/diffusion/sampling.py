@@ -23,9 +23,37 @@ def ddim_timesteps(num_train_steps, steps):
     return torch.from_numpy(ts[ts < num_train_steps]).long()
 
 
-def ddim_schedule(alphas_cumprod, steps, eta=0.0):
-    """-> dict(timesteps (S,), a (S,), a_prev (S,), sigma (S,)) in float64; a_prev[0] = alphas_cumprod[0]."""
-    ts = ddim_timesteps(alphas_cumprod.shape[0], steps)
+def logsnr_timesteps(alphas_cumprod, steps):
+    """`steps` timesteps (ascending, int64) from 1 to T - 1, evenly spaced in log-SNR, lambda = log(alpha / sigma).
+
+    Uniform steps in t leave one long stride in lambda at the end (t = 51 -> 1 is 1.7 of lambda's 5.9 at 20 steps),
+    where a multistep solver extrapolates far; even strides in lambda are what DPM-Solver's error bound assumes.
+    Each target is the nearest integer t; near t = 0, where lambda moves faster than the grid, ties are nudged apart.
+    """
+    num_train_steps = alphas_cumprod.shape[0]
+    if not 0 < steps < num_train_steps:
+        raise ValueError(f"number of sampling steps must be in 1..{num_train_steps - 1}, got {steps}")
+    ac = alphas_cumprod.double().cpu()
+    lam = 0.5 * (ac / (1 - ac)).log()
+    targets = torch.linspace(float(lam[1]), float(lam[-1]), steps, dtype=torch.float64)
+    ts = (lam[None, :] - targets[:, None]).abs().argmin(1).tolist()
+    for i in range(1, steps):
+        ts[i] = max(ts[i], ts[i - 1] + 1)
+    for i in reversed(range(steps - 1)):
+        ts[i] = min(ts[i], ts[i + 1] - 1)
+    return torch.tensor(ts, dtype=torch.long)
+
+
+SPACINGS = {"uniform": lambda ac, steps: ddim_timesteps(ac.shape[0], steps), "logsnr": logsnr_timesteps}
+
+
+def ddim_schedule(alphas_cumprod, steps, eta=0.0, spacing="uniform"):
+    """-> dict(timesteps (S,), a (S,), a_prev (S,), sigma (S,)) in float64; a_prev[0] = alphas_cumprod[0].
+
+    spacing: "uniform" (the reference's DDIM and PLMS grid) or "logsnr" (even strides in log-SNR)."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing '{spacing}' (use one of {', '.join(SPACINGS)})")
+    ts = SPACINGS[spacing](alphas_cumprod, steps)
     ac = alphas_cumprod.double().cpu()
     a = ac[ts]
     a_prev = torch.cat([ac[:1], ac[ts[:-1]]])
@@ -109,7 +137,8 @@ def sample_plms(eps_fn, x, sched, callback=None, generator=None):
 
 @torch.no_grad()
 def sample_dpmpp_2m(eps_fn, x, sched, callback=None, generator=None):
-    """DPM-Solver++(2M) (Lu et al., 2022) on the DDIM timesteps, in data-prediction form.
+    """DPM-Solver++(2M) (Lu et al., 2022) in data-prediction form, on the schedule's timesteps (log-SNR spacing
+    by default: DEFAULT_SPACING).
 
     With alpha = sqrt(a), sigma = sqrt(1 - a), lambda = log(alpha / sigma) and h = lambda_prev - lambda:
     x_prev = (sigma_prev / sigma) x - alpha_prev (exp(-h) - 1) D, where D is the denoised estimate,
@@ -133,12 +162,14 @@ def sample_dpmpp_2m(eps_fn, x, sched, callback=None, generator=None):
 
 
 SAMPLERS = {"ddim": sample_ddim, "plms": sample_plms, "dpmpp_2m": sample_dpmpp_2m}
+DEFAULT_SPACING = {"ddim": "uniform", "plms": "uniform", "dpmpp_2m": "logsnr"}
 
 
 @torch.no_grad()
 def sample_latents(model, captions, shape, steps=50, scale=1.0, eta=0.0, sampler="ddim", x_T=None,
-                   generator=None, callback=None):
-    """Text -> scaled latents (B, C, h, w) with a LatentDiffusion model. uc is the empty prompt."""
+                   generator=None, callback=None, spacing=None):
+    """Text -> scaled latents (B, C, h, w) with a LatentDiffusion model. uc is the empty prompt; spacing: the
+    timestep grid (default: the sampler's, DEFAULT_SPACING)."""
     if sampler != "ddim" and eta != 0:
         raise ValueError(f"{sampler} is deterministic here: use --ddim_eta 0 with it")
     if sampler not in SAMPLERS:
@@ -147,5 +178,5 @@ def sample_latents(model, captions, shape, steps=50, scale=1.0, eta=0.0, sampler
     uc = model.get_learned_conditioning([""] * len(captions)) if scale != 1.0 else None
     if x_T is None:
         x_T = torch.randn(shape, generator=generator, device=c[0].device, dtype=c[0].dtype)
-    sched = ddim_schedule(model.alphas_cumprod, steps, eta)
+    sched = ddim_schedule(model.alphas_cumprod, steps, eta, spacing or DEFAULT_SPACING[sampler])
     return SAMPLERS[sampler](guided_eps(model, c, uc, scale), x_T.to(c[0].device), sched, callback, generator)

@@ -6,11 +6,9 @@ The cache is emptied whenever that function may have changed: the encoder's weig
 in place (a tensor's storage or version counter moved: loading a checkpoint, `.to()`), another device,
 or another autocast dtype. An encoder with any module in training mode (dropout) is never cached.
 """
-import itertools
-
 import torch
 
-from ldm.util import memoised_rows
+from ldm.util import memoised_rows, module_stamp
 
 
 class StateCache:
@@ -22,16 +20,11 @@ class StateCache:
         self.rows = {}
         self.stamp = None
 
-    def _stamp(self, device):
-        tensors = itertools.chain(self.encoder.parameters(), self.encoder.buffers())
-        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        return str(device), autocast, tuple((t.data_ptr(), t._version) for t in tensors)
-
     def __call__(self, ids, compute):
         """ids: (B, T) int64, compute: (N, T) ids -> (N, T, D) states -> (B, T, D), a new tensor."""
         if torch.is_grad_enabled() or any(m.training for m in self.encoder.modules()):
             return compute(ids)
-        stamp = self._stamp(ids.device)
+        stamp = module_stamp(self.encoder, ids.device)
         if stamp != self.stamp:
             self.rows.clear()
             self.stamp = stamp

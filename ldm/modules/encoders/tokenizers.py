@@ -33,6 +33,7 @@ class TextTokenizer:
     tokens are added to a private copy, made on the first addition, so that a token added for one
     model never appears in another model sharing the cached tokenizer.
     """
+    memoise = True  # caption ids kept (False: every call tokenizes, as the reference)
 
     def __init__(self, tokenizer, max_length):
         self.tokenizer = tokenizer
@@ -46,6 +47,8 @@ class TextTokenizer:
         def tokenize(missing):
             return self.tokenizer(missing, padding="max_length", max_length=self.max_length, truncation=True,
                                   return_tensors="pt")["input_ids"]
+        if not self.memoise:
+            return tokenize(list(texts))
         return memoised_rows(self._ids, list(texts), tokenize, MEMO_SIZE)
 
     def word_ids(self, word):
