@@ -13,6 +13,7 @@ is reset there, so filling the latent cache does not count).
 """
 import argparse
 import collections
+import contextlib
 import json
 import os
 import random
@@ -42,9 +43,8 @@ def image_size(config):
 def ti_dataset(config, data_root, size):
     """The config's TI dataset (its target and parameters; PersonalizedBase without one) on data_root at `size`."""
     train = config.get("data", {}).get("params", {}).get("train")
-    spec = {"target": "ldm.data.personalized.PersonalizedBase", "params": {}} if train is None else train
-    params = {**OmegaConf.to_container(spec.get("params", {}), resolve=True), "data_root": data_root, "size": size,
-              "set": "train"}
+    spec = {"target": "ldm.data.personalized.PersonalizedBase"} if train is None else OmegaConf.to_container(train)
+    params = {**spec.get("params", {}), "data_root": data_root, "size": size, "set": "train"}
     return instantiate_from_config({"target": spec["target"], "params": params})
 
 
@@ -73,7 +73,7 @@ class Variant:
         measured afterwards are the steady state. Captions are memoised by the tokenizer, and with output
         injection their encoder states too."""
         flip_p = dataset.flip_p
-        with torch.no_grad(), implementation(self.ours):
+        with torch.no_grad(), self.context():
             for dataset.flip_p in (0.0, 1.0):
                 for i in range(dataset.num_images):
                     batch = to_device(fetch(dataset, [i], 0), self.device)
@@ -83,9 +83,15 @@ class Variant:
             random.seed(0)
             self.model.get_learned_conditioning(sorted({dataset[i]["caption"] for i in range(len(dataset))}))
 
-    def step(self, dataset, indices, seed):
+    @contextlib.contextmanager
+    def context(self):
+        """The variant's implementation switches and autocast (ours: bf16 where asked; the original: fp32)."""
         with implementation(self.ours), torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
                                                        enabled=self.autocast == "bf16"):
+            yield
+
+    def step(self, dataset, indices, seed):
+        with self.context():
             loss, _ = self.model.shared_step(to_device(fetch(dataset, indices, seed), self.device))
         loss.backward()
         self.opt.step()
@@ -101,7 +107,7 @@ def breakdown(variant, dataset, indices, repeats=10):
     m = variant.model
     parts = {k: [] for k in ("data", "latents", "text encoder", "unet forward", "backward", "optimizer")}
     for i in range(repeats):
-        with implementation(True):
+        with variant.context():
             holder = {}
             parts["data"].append(timed(lambda: holder.update(b=to_device(fetch(dataset, indices, i), variant.device)),
                                        variant.device))

@@ -26,3 +26,11 @@ def test_ti_step_and_sample_benches(monkeypatch, capsys):
     sample.main(["--n", "2", "--steps", "3", "--repeats", "1"])
     out = capsys.readouterr().out
     assert re.search(r"^ours .* 0\.00e\+00$", out, re.M) and "separate" in out
+
+
+def test_ti_dataset_follows_the_config_or_defaults(monkeypatch):
+    monkeypatch.chdir(REPO)
+    shipped = ti_step.ti_dataset(ti_step.load_config(ti_step.DEFAULT_CONFIG), ti_step.DEFAULT_DATA, 16)
+    plain = ti_step.ti_dataset(ti_step.load_config(["configs/bench/mid.yaml"]), ti_step.DEFAULT_DATA, 16)
+    assert shipped.class_texts and not plain.class_texts  # the shipped TI config captions with colour words
+    assert shipped[0]["image"].shape == plain[0]["image"].shape == (16, 16, 3)
