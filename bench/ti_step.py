@@ -49,7 +49,7 @@ def ti_dataset(config, data_root, size):
 
 
 def batch_indices(dataset, batch_size, count, seed=0):
-    """Item indices of `count` batches, drawn as a shuffled TI run draws them."""
+    """Item indices of `count` batches, drawn uniformly (a TI run shuffles 100 repeats of each image)."""
     rng = np.random.default_rng(seed)
     return [rng.integers(len(dataset), size=batch_size) for _ in range(count)]
 
