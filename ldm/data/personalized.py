@@ -4,6 +4,7 @@ import json
 import os
 import random
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from ldm.data.images import center_crop, list_images, load_rgb, resampling_filter, resize_square, to_model_range
@@ -95,6 +96,12 @@ def _class_texts(class_texts, data_root, image_paths):
     return [str(class_texts[n]) for n in names]
 
 
+def _digest(array):
+    """(H, W, 3) uint8 -> hex digest of its content."""
+    content = np.ascontiguousarray(array).tobytes() + str(array.shape).encode()
+    return hashlib.blake2b(content, digest_size=16).hexdigest()
+
+
 class PersonalizedBase(Dataset):
     """Items `{"image": (H, W, 3) float32 in [-1, 1], "caption": str}` from the images in `data_root`.
 
@@ -158,9 +165,9 @@ class PersonalizedBase(Dataset):
         return random.choice(self.templates).format(subject)
 
     def prepared(self, image_index):
-        """-> (H, W, 3) uint8 cropped and resized as configured, and a digest of its content (None without
-        `memoise`); while `memoise` the pair is kept in memory (within `memo_bytes`), so that each file is decoded
-        and resized once per run."""
+        """-> (H, W, 3) uint8 cropped and resized as configured, and the digests of its content as it is and
+        flipped (None without `memoise`); while `memoise` these are kept in memory (within `memo_bytes`), so that
+        each file is decoded and resized once per run."""
         if self.memoise and image_index in self._prepared:
             return self._prepared[image_index]
         array = load_rgb(self.image_paths[image_index])
@@ -170,18 +177,18 @@ class PersonalizedBase(Dataset):
             array = resize_square(array, self.size, self.resample)
         if not self.memoise:
             return array, None
-        entry = array, hashlib.blake2b(array.tobytes() + str(array.shape).encode(), digest_size=16).hexdigest()
+        entry = array, tuple(_digest(a) for a in (array, array[:, ::-1]))
         if sum(a.nbytes for a, _ in self._prepared.values()) + array.nbytes <= self.memo_bytes:
             self._prepared[image_index] = entry
         return entry
 
     def image(self, image_index):
         """-> (H, W, 3) float32 in [-1, 1], cropped, resized and randomly flipped as configured, and its key: the
-        digest of the file's content as prepared, with ":flip" when flipped (what the latent cache keys by)."""
-        array, key = self.prepared(image_index)
-        if random.random() < self.flip_p:
-            array, key = array[:, ::-1], key and key + ":flip"
-        return to_model_range(array), key
+        digest of that content (what the latent cache keys by; an image equal to its flip has one key)."""
+        array, digests = self.prepared(image_index)
+        flip = random.random() < self.flip_p
+        key = digests and digests[flip]
+        return to_model_range(array[:, ::-1] if flip else array), key
 
     def __getitem__(self, i):
         image_index = i % self.num_images

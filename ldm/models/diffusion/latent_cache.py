@@ -4,7 +4,7 @@ The first stage is frozen, so the posterior of an image never changes: it is com
 distinct input tensor (an image and its flip are two entries) and a fresh latent is drawn from it
 at every step, which is exactly the distribution the uncached path samples. Entries are keyed by
 the content of the input: the bytes of the tensor, or a key the dataset gives for it (a digest of the
-image as prepared, and its flip: ldm.data.personalized), which spares copying every batch back from the
+image as prepared, flipped or not: ldm.data.personalized), which spares copying every batch back from the
 GPU to hash it. Either way a change of image, size or augmentation can never hit a stale entry, and
 the cache is emptied when the first stage changes (its weights loaded, moved or edited, another
 autocast dtype).
