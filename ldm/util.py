@@ -115,3 +115,20 @@ def module_stamp(module, device):
     tensors = (t for m in modules for t in itertools.chain(m._parameters.values(), m._buffers.values()))
     autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     return str(device), autocast, tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+
+
+class FrozenModuleMemo(dict):
+    """A dict of what a frozen `module` computed, emptied whenever its module_stamp moves."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.stamp = None
+
+    def current(self, device):
+        """-> self, emptied first if the module or the autocast dtype on `device` changed since it was filled."""
+        stamp = module_stamp(self.module, device)
+        if stamp != self.stamp:
+            self.clear()
+            self.stamp = stamp
+        return self

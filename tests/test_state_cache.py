@@ -19,7 +19,7 @@ def counted(make_encoder):
 
 def uncached(encoder, manager, captions):
     """The same states computed afresh (an emptied cache)."""
-    manager.state_cache.rows = {}
+    manager.state_cache.rows.clear()
     return encoder.encode(captions, embedding_manager=manager)
 
 

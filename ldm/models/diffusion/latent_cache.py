@@ -14,15 +14,13 @@ import hashlib
 import torch
 
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import module_stamp
+from ldm.util import FrozenModuleMemo
 
 
 class LatentCache:
     def __init__(self, first_stage, max_entries=4096):
-        self.first_stage = first_stage
         self.max_entries = max_entries
-        self.moments = {}
-        self.stamp = None
+        self.moments = FrozenModuleMemo(first_stage)
         self.hits = self.misses = 0
         self.gaussian = True
 
@@ -34,10 +32,7 @@ class LatentCache:
     def posterior(self, x, encode, keys=None):
         """x: (B, 3, H, W); encode(x) -> posterior; keys: B str naming each image's content (default: its bytes'
         digest). Returns the batch's posterior, encoding only misses."""
-        stamp = module_stamp(self.first_stage, x.device)
-        if stamp != self.stamp:
-            self.moments.clear()
-            self.stamp = stamp
+        self.moments.current(x.device)
         keys = [self.key(xi) for xi in x] if keys is None else [f"data:{k}" for k in keys]
         missing = [i for i, k in enumerate(keys) if k not in self.moments]
         self.hits += len(keys) - len(missing)

@@ -8,7 +8,7 @@ or another autocast dtype. An encoder with any module in training mode (dropout)
 """
 import torch
 
-from ldm.util import memoised_rows, module_stamp
+from ldm.util import FrozenModuleMemo, memoised_rows
 
 
 class StateCache:
@@ -17,17 +17,13 @@ class StateCache:
     def __init__(self, encoder, max_rows=4096):
         self.encoder = encoder
         self.max_rows = max_rows
-        self.rows = {}
-        self.stamp = None
+        self.rows = FrozenModuleMemo(encoder)
 
     def __call__(self, ids, compute):
         """ids: (B, T) int64, compute: (N, T) ids -> (N, T, D) states -> (B, T, D), a new tensor."""
         if torch.is_grad_enabled() or any(m.training for m in self.encoder.modules()):
             return compute(ids)
-        stamp = module_stamp(self.encoder, ids.device)
-        if stamp != self.stamp:
-            self.rows.clear()
-            self.stamp = stamp
         keys = [row.tobytes() for row in ids.cpu().numpy()]
         first = {k: i for i, k in reversed(list(enumerate(keys)))}
-        return memoised_rows(self.rows, keys, lambda missing: compute(ids[[first[k] for k in missing]]), self.max_rows)
+        rows = self.rows.current(ids.device)
+        return memoised_rows(rows, keys, lambda missing: compute(ids[[first[k] for k in missing]]), self.max_rows)
