@@ -30,9 +30,11 @@ def load_config(paths, overrides=()):
 def build(config, ckpt, ours, device):
     """The TI model as we run it (`ours`) or as the original code runs it; same weights either way.
 
-    Original: no latent cache (first stage re-encodes every step), no gradient checkpointing.
-    Ours: the cache, and the checkpointing, torch.compile, timestep bands and injection point the config asks for
-    (UNet, and LDM BERT where it has the option). The original holds one set of vectors at the encoder's input.
+    Original: no latent cache (first stage re-encodes every step), no gradient checkpointing, no recomputed
+    projections, tensors in PyTorch's default layout.
+    Ours: the cache, and the checkpointing, recomputed projections, channels_last, torch.compile, timestep bands and
+    injection point the config asks for (UNet, and LDM BERT where it has the option). The original holds one set of
+    vectors at the encoder's input.
     Frozen weights have requires_grad=False in both, as the original freezes them.
     """
     params = config.model.params
@@ -40,7 +42,8 @@ def build(config, ckpt, ours, device):
         OmegaConf.update(params, "personalization_config.params.timestep_bands", [], merge=False)
         OmegaConf.update(params, "personalization_config.params.injection", "input", merge=False)
     params.latent_cache = bool(ours)
-    params.compile = bool(ours) and bool(params.get("compile", False))
+    for option, default in (("compile", False), ("channels_last", False), ("recompute_projections", True)):
+        params[option] = bool(ours) and bool(params.get(option, default))
     for node in (params.unet_config.params, params.cond_stage_config.get("params")):
         if node is not None and "use_checkpoint" in node:
             node.use_checkpoint = bool(ours) and bool(node.use_checkpoint)

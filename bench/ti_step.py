@@ -4,9 +4,10 @@
     python bench/ti_step.py --config configs/bench/mid.yaml   # mid-size, random init
     python bench/ti_step.py --config configs/latent-diffusion/txt2img-1p4B-finetune.yaml --device cuda
 
-Ours: first-stage posteriors cached, SDPA attention, the config's checkpointing and precision, images decoded
-once, caption ids memoised. Original: every image read from its file and re-encoded by the first stage at every
-step, every caption tokenized, einsum/softmax attention in fp32, no checkpointing. Both freeze the same weights
+Ours: first-stage posteriors cached, SDPA attention, the config's checkpointing, recomputed projections, layout
+and precision, images decoded once, caption ids memoised. Original: every image read from its file and re-encoded
+by the first stage at every step, every caption tokenized, einsum/softmax attention in fp32, no checkpointing or
+recomputation, PyTorch's default layout. Both freeze the same weights
 (requires_grad=False) and see the same batches of the config's TI dataset on --data_root.
 Peak memory is measured in a child process per variant, above the RSS after warm-up (the high-water mark
 is reset there, so filling the latent cache does not count).

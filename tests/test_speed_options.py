@@ -1,4 +1,6 @@
-"""Precision and gradient-checkpointing options: they take effect, and they leave the results alone."""
+"""Precision and memory options: they take effect, and they leave the results alone."""
+import contextlib
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -86,3 +88,115 @@ def test_spatial_transformer_projections_as_matrix_products_match_the_convolutio
         outputs.append(block(x, context))
     assert outputs[0].shape == x.shape and torch.allclose(outputs[0], outputs[1], atol=1e-5)
     assert (outputs[0] - x).abs().max() > 0.1
+
+
+def _kept_for_backward(fn, inputs, modules, monkeypatch):
+    """What autograd keeps for backward while running fn(*inputs): the tensors it saves, and the inputs of the
+    recipes it keeps instead (the modules' weights aside), as (bytes, shapes); and the inputs' gradients."""
+    from ldm.modules.diffusionmodules import util
+
+    kept, unpack = [], util._unpack_recipe
+
+    def unpack_and_count(packed):  # what recompute_saved's hooks packed
+        kept.extend([packed] if torch.is_tensor(packed) else [a for a in packed[0].args if torch.is_tensor(a)])
+        return unpack(packed)
+
+    monkeypatch.setattr(util, "_unpack_recipe", unpack_and_count)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (kept.append(t), t)[1], lambda t: t):
+        out = fn(*inputs)
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    weights = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+    kept = [t for t in kept if t.untyped_storage().data_ptr() not in weights]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+    return sum(storages.values()), {tuple(t.shape) for t in kept}, grads
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_recomputed_projections_keep_less_and_give_the_same_gradients_bit_for_bit(tiny_bert, monkeypatch, autocast):
+    from ldm.modules.attention import SpatialTransformer
+    from ldm.modules.diffusionmodules.util import keeping_saved
+
+    torch.manual_seed(0)
+    block = SpatialTransformer(32, n_heads=2, d_head=16, context_dim=32, checkpoint=False)
+    torch.nn.init.normal_(block.proj_out.weight)
+    block.requires_grad_(False)
+    encoder = BERTEmbedder(n_embed=32, n_layer=2).requires_grad_(False)
+    encoder.load_state_dict(tiny_bert.state_dict())
+    tokens = torch.randn(2, 77, 32, requires_grad=True)
+    image = torch.randn(2, 32, 4, 4)
+
+    def step(tokens, recompute):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                contextlib.nullcontext() if recompute else keeping_saved():
+            return block(image, encoder.transformer.encode_embeddings(tokens)).float()
+
+    results = {recompute: _kept_for_backward(lambda x: step(x, recompute), (tokens,), (block, encoder), monkeypatch)
+               for recompute in (False, True)}
+    (bytes_kept, shapes_kept, grads), (bytes_recomputing, shapes_recomputing, grads_recomputing) = results.values()
+    assert torch.equal(grads_recomputing[0], grads[0])
+    # the BERT's GELU inputs, the UNet block's GEGLU input and its keys and values of the context (per head)
+    recomputed = {(2, 77, 4 * 32), (2, 16, 2 * 4 * 32), (2, 2, 77, 16)}
+    assert recomputed <= shapes_kept and not recomputed & shapes_recomputing
+    # and the BERT's queries, keys and values (2 layers x 3 x (2, 8 heads, 77, 64)), whose shape its attention's
+    # output shares; kept instead: the inputs of the projections (32 wide)
+    queries_keys_values = 2 * 3 * 2 * 77 * 512 * (2 if autocast else 4)
+    assert bytes_kept - bytes_recomputing > queries_keys_values
+
+
+def test_recomputation_stands_aside_in_checkpointed_regions_and_refuses_inputs_changed_in_place(tiny_bert, monkeypatch):
+    from ldm.modules.diffusionmodules import util
+
+    recomputed = []
+    unpack = util._unpack_recipe
+    monkeypatch.setattr(util, "_unpack_recipe", lambda p: (recomputed.append(not torch.is_tensor(p)), unpack(p))[1])
+    for use_checkpoint in (False, True):
+        encoder = BERTEmbedder(n_embed=32, n_layer=2, use_checkpoint=use_checkpoint).requires_grad_(False)
+        encoder.load_state_dict(tiny_bert.state_dict())
+        recomputed.clear()
+        x = torch.randn(2, 77, 32, requires_grad=True)
+        encoder.transformer.encode_embeddings(x).sum().backward()
+        assert any(recomputed) != use_checkpoint
+
+    layer = torch.nn.Linear(4, 8, bias=False).requires_grad_(False)
+    x = torch.randn(3, 4, requires_grad=True)
+    source = x * 2
+    h = layer(source)
+    with util.recompute_saved({h: util.linear_recipe(layer, source)}):
+        y = torch.sin(h)  # keeps h: as a recipe
+    source.add_(1)
+    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        y.sum().backward()
+
+
+def test_recomputed_projections_train_the_same_embedding_bit_for_bit(fixture_dir, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from ldm.modules.diffusionmodules import util
+    from ldm.util import instantiate_from_config
+    from load import load_state_dict_into
+
+    recipes = []
+    unpack = util._unpack_recipe
+    monkeypatch.setattr(util, "_unpack_recipe", lambda p: (recipes.append(not torch.is_tensor(p)), unpack(p))[1])
+    images = torch.rand(4, 16, 16, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1  # as the dataset gives
+    runs = {}
+    for recompute in (False, True):
+        config = OmegaConf.load("configs/tiny/txt2img-tiny-finetune.yaml")
+        config.model.params.recompute_projections = recompute
+        model = instantiate_from_config(config.model)
+        load_state_dict_into(model, str(fixture_dir / "state_dict.safetensors"), strict=False)  # vectors from "dog"
+        model.train()
+        opt = torch.optim.AdamW(model.trainable_parameters(), lr=5e-3)
+        torch.manual_seed(0)
+        recipes.clear()
+        losses = []
+        for step in range(5):
+            loss, _ = model.shared_step({"image": images[step % 2::2], "caption": ["a photo of *"] * 2})
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs[recompute] = losses, [p.detach().clone() for p in model.trainable_parameters()], any(recipes)
+    (losses, vectors, recomputed), (losses_r, vectors_r, recomputed_r) = runs[False], runs[True]
+    assert recomputed_r and not recomputed
+    assert losses_r == losses and all(torch.equal(a, b) for a, b in zip(vectors_r, vectors))

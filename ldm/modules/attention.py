@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import Conv2d, checkpoint
+from ldm.modules.diffusionmodules.util import Conv2d, checkpoint, linear_recipe, recompute_saved
 
 
 def attention(q, k, v, heads, use_sdpa=True):
@@ -56,12 +56,20 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
 
     def forward(self, x, context=None):
-        """x: (B, N, C), context: (B, M, Cc) or None (self-attention) -> (B, N, C)."""
+        """x: (B, N, C), context: (B, M, Cc) or None (self-attention) -> (B, N, C).
+
+        For backward, autograd keeps the context rather than its keys and values, and projects it again
+        (`recompute_saved`): every cross-attention layer of a UNet shares the one context."""
         if context is None:
             k, v = self.to_k(x), self.to_v(x)
+            recipes = {}
         else:
             k, v = self.context_projections(context)
-        return self.to_out(attention(self.to_q(x), k, v, self.heads, self.use_sdpa))
+            recipes = {k: linear_recipe(self.to_k, context), v: linear_recipe(self.to_v, context)}
+        q = self.to_q(x)
+        with recompute_saved(recipes):
+            out = attention(q, k, v, self.heads, self.use_sdpa)
+        return self.to_out(out)
 
     def context_projections(self, context):
         """context: (B, M, Cc) -> keys, values (B, M, H*d); from the active store when it holds this context."""
@@ -104,7 +112,8 @@ class GEGLU(nn.Module):
     def forward(self, x):
         h = self.proj(x)
         if self.fused and torch.is_grad_enabled() and h.requires_grad:
-            return GatedGELU.apply(h)
+            with recompute_saved({h: linear_recipe(self.proj, x)}):  # h is 2 * dim_out / dim_in times x's size
+                return GatedGELU.apply(h)
         x, gate = h.chunk(2, dim=-1)
         return x * F.gelu(gate)
 

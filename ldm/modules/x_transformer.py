@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ldm.modules.attention import attention
-from ldm.modules.diffusionmodules.util import checkpoint
+from ldm.modules.diffusionmodules.util import checkpoint, linear_recipe, recompute_saved
 from ldm.modules.encoders.base import encode_tokens
 
 
@@ -44,8 +44,12 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(inner, dim)
 
     def forward(self, x):
-        """x: (B, T, D) -> (B, T, D)"""
-        return self.to_out(attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads, self.use_sdpa))
+        """x: (B, T, D) -> (B, T, D); backward projects x again rather than keeping the queries, keys and values
+        (each heads * dim_head / D times x's size)."""
+        projections = {layer(x): linear_recipe(layer, x) for layer in (self.to_q, self.to_k, self.to_v)}
+        with recompute_saved(projections):
+            out = attention(*projections, self.heads, self.use_sdpa)
+        return self.to_out(out)
 
 
 class FeedForward(nn.Module):
@@ -57,7 +61,12 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(nn.Sequential(nn.Linear(dim, inner), nn.GELU()), nn.Dropout(dropout), nn.Linear(inner, dim))
 
     def forward(self, x):
-        return self.net(x)
+        """x: (B, T, D) -> (B, T, D); backward projects x again rather than keeping the GELU's input (mult * D wide)."""
+        (project, gelu), dropout, out = self.net
+        h = project(x)
+        with recompute_saved({h: linear_recipe(project, x)}):
+            h = gelu(h)
+        return out(dropout(h))
 
 
 class Residual(nn.Module):

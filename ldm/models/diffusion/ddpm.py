@@ -7,6 +7,8 @@ Two ways to train, chosen by the config:
 State-dict keys match latent-diffusion's (`model.diffusion_model.*`, `first_stage_model.*`,
 `cond_stage_model.*`, the twelve schedule buffers), so its checkpoints load strictly.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,7 @@ from ldm.models.autoencoder import images_from_batch
 from ldm.models.diffusion.latent_cache import LatentCache
 from ldm.models.diffusion.schedule import NoiseSchedule
 from ldm.models.textual_inversion import TextConditionedModel, freeze
+from ldm.modules.diffusionmodules.util import keeping_saved
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
@@ -43,8 +46,9 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
                  given_betas=None, scale_factor=1.0, image_size=32, channels=4, first_stage_key="image",
                  cond_stage_key="caption", conditioning_key="crossattn", cond_stage_trainable=False,
                  embedding_reg_weight=0.0, cond_drop_prob=0.0, latent_cache=False, channels_last=False,
-                 compile=False, ckpt_path=None, ignore_keys=(), train_embedding=True, trainable_modules=None,
-                 train_timesteps=None, train_timesteps_p=1.0, band_overlap=0, **reference_options):
+                 recompute_projections=True, compile=False, ckpt_path=None, ignore_keys=(), train_embedding=True,
+                 trainable_modules=None, train_timesteps=None, train_timesteps_p=1.0, band_overlap=0,
+                 **reference_options):
         super().__init__()
         self.reference = _ReferenceOptions(**reference_options)
         self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas,
@@ -67,7 +71,7 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
         if ckpt_path is not None:
             from load import load_state_dict_into
             load_state_dict_into(self, ckpt_path, ignore_prefixes=ignore_keys)
-        self.channels_last = channels_last
+        self.channels_last, self.recompute_projections = channels_last, recompute_projections
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         if compile:
@@ -123,11 +127,15 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
         return loss, logs
 
     def shared_step(self, batch):
-        z0 = self.latents_from_batch(batch)
-        captions = self.captions_from_batch(batch)
-        t = self.draw_timesteps(z0.shape[0], z0.device)
-        c = self.conditioning_by_band(captions, self.timestep_band(self.jitter_for_bands(t)))
-        return self.add_embedding_regulariser(*self.p_losses(z0, c, t))
+        """recompute_projections: autograd keeps the inputs of the wide projections (the text encoder's queries, keys,
+        values and feed-forward, the UNet's keys and values of the context and GEGLU) and backward projects again
+        (`recompute_saved`: the same values, less memory, a little more time); off: it keeps the projections."""
+        with contextlib.nullcontext() if self.recompute_projections else keeping_saved():
+            z0 = self.latents_from_batch(batch)
+            captions = self.captions_from_batch(batch)
+            t = self.draw_timesteps(z0.shape[0], z0.device)
+            c = self.conditioning_by_band(captions, self.timestep_band(self.jitter_for_bands(t)))
+            return self.add_embedding_regulariser(*self.p_losses(z0, c, t))
 
     def jitter_for_bands(self, t):
         """t: (B,) int64 -> (B,) int64, t moved by +band_overlap or -band_overlap at random (training only).

@@ -1,15 +1,96 @@
 """Layers and helpers shared by the UNet and the samplers."""
+import contextlib
+import functools
+import threading
+
 import torch
+import torch.autograd.graph
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
 
+_local = threading.local()  # .keep: how many keeping_saved blocks this thread is inside
+
+
 def checkpoint(fn, inputs, flag):
     """Run `fn(*inputs)`, recomputing activations in backward when `flag` is set and grad is on."""
     if flag and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(fn, *inputs, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(_checkpointed, fn, *inputs, use_reentrant=False)
     return fn(*inputs)
+
+
+def _checkpointed(fn, *inputs):
+    with keeping_saved():  # a checkpointed region keeps nothing for backward: recipes would only repeat work
+        return fn(*inputs)
+
+
+@contextlib.contextmanager
+def keeping_saved():
+    """Inside the block `recompute_saved` stands aside: autograd keeps the tensors it saves."""
+    depth = getattr(_local, "keep", 0)
+    _local.keep = depth + 1
+    try:
+        yield
+    finally:
+        _local.keep = depth
+
+
+@contextlib.contextmanager
+def recompute_saved(recipes):
+    """Autograd keeps each tensor of `recipes` that an operation inside the block saves for backward (or a view of
+    one) as its recipe, and backward runs the recipe to make it again.
+
+    recipes: {tensor: fn}; `fn`, a functools.partial over tensors smaller than the one it makes or alive anyway (a
+    projection of its input, say: `linear_recipe`), repeats the computation that made the tensor, so it gives the
+    same values bit for bit, under the autocast of the forward. An input modified in place in between is an error,
+    as for any tensor autograd keeps. Inside `keeping_saved()` the tensors are kept.
+    """
+    if getattr(_local, "keep", 0) or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        yield
+        return
+    by_id = {id(_root(t)): fn for t, fn in recipes.items()}
+    # the recipes' tensors were made under the autocast of the block's start (inside an operation it reads as off)
+    autocast = {t.device.type: torch.get_autocast_dtype(t.device.type) for t in recipes
+                if torch.is_autocast_enabled(t.device.type)}
+
+    def pack(t):
+        base = _root(t)
+        fn = by_id.get(id(base))
+        if fn is None:
+            return t
+        device = t.device.type
+        return (fn, _versions(fn), device, autocast.get(device), t.size(), t.stride(),
+                t.storage_offset() - base.storage_offset())
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack_recipe):
+        yield
+
+
+def _root(t):
+    """The tensor that owns t's memory: t, or the one it is a view of (fn() makes a new one like it)."""
+    return t if t._base is None else t._base
+
+
+def _unpack_recipe(packed):
+    if isinstance(packed, torch.Tensor):
+        return packed
+    fn, versions, device, autocast, size, stride, offset = packed
+    if _versions(fn) != versions:
+        raise RuntimeError("an input of a tensor that autograd recomputes for backward was modified in place after "
+                           "the forward: keep the tensor instead (keeping_saved(), or the model's "
+                           "recompute_projections=false)")
+    with torch.no_grad(), torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext():
+        return fn().as_strided(size, stride, offset)
+
+
+def _versions(recipe):
+    return [a._version for a in recipe.args if isinstance(a, torch.Tensor)]
+
+
+def linear_recipe(layer, x):
+    """The recipe of `layer(x)` for an nn.Linear `layer` (its forward, without the module call)."""
+    return functools.partial(F.linear, x, layer.weight, layer.bias)
 
 
 class GroupNorm32(nn.GroupNorm):
