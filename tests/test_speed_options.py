@@ -200,3 +200,19 @@ def test_recomputed_projections_train_the_same_embedding_bit_for_bit(fixture_dir
     (losses, vectors, recomputed), (losses_r, vectors_r, recomputed_r) = runs[False], runs[True]
     assert recomputed_r and not recomputed
     assert losses_r == losses and all(torch.equal(a, b) for a, b in zip(vectors_r, vectors))
+
+
+def test_recomputed_projections_keep_second_order_gradients():
+    from ldm.modules.diffusionmodules.util import keeping_saved
+    from ldm.modules.x_transformer import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(8, mult=4).requires_grad_(False)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    results = []
+    for context in (keeping_saved, contextlib.nullcontext):
+        with context():
+            y = ff(x)
+        (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(g.square().sum(), x)[0])
+    assert torch.equal(results[0], results[1])

@@ -80,6 +80,7 @@ def _unpack_recipe(packed):
         raise RuntimeError("an input of a tensor that autograd recomputes for backward was modified in place after "
                            "the forward: keep the tensor instead (keeping_saved(), or the model's "
                            "recompute_projections=false)")
+    # values only: autograd links the tensor it gets back to the graph (create_graph=True included)
     with torch.no_grad(), torch.autocast(device, dtype=autocast) if autocast else contextlib.nullcontext():
         return fn().as_strided(size, stride, offset)
 
