@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from ldm.models.diffusion.sampling import SPACINGS, sample_latents
+from ldm.models.diffusion.sampling import SAMPLERS, SPACINGS, sample_latents
 from load import load_model_from_config, read_state_dict
 from make_log_new import make_grid, save_png
 
@@ -35,7 +35,7 @@ def get_parser(default_config="configs/latent-diffusion/txt2img-1p4B-eval.yaml",
     p.add_argument("--outdir", default="outputs/txt2img-samples")
     p.add_argument("--ddim_steps", type=int, default=200)
     p.add_argument("--plms", action="store_true", help="PLMS sampling instead of DDIM (same as --sampler plms)")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "plms", "dpmpp_2m"],
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS),
                    help="dpmpp_2m: DPM-Solver++(2M), good in about 20 steps")
     p.add_argument("--spacing", default=None, choices=list(SPACINGS),
                    help="timestep grid (default: uniform for ddim and plms, as the reference; logsnr for dpmpp_2m)")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.data.personalized import IMAGENET_TEMPLATES_SMALL, PER_IMAGE_TOKENS, PersonalizedBase
+from ldm.data.personalized import IMAGENET_TEMPLATES_SMALL, PER_IMAGE_TOKENS, PersonalizedBase, load_rgb
 from ldm.data.personalized_style import PersonalizedBase as StyleBase
 from ldm.data.personalized_style import STYLE_TEMPLATES_SMALL
 
@@ -122,6 +122,16 @@ def test_without_memo_every_item_reads_its_file(folder, monkeypatch):
                         lambda path: reads.append(path) or np.zeros((4, 4, 3), np.uint8))
     item = data[0]
     assert reads == [data.image_paths[0]] and "image_key" not in item and item["image"].shape == (16, 16, 3)
+
+
+def test_images_past_the_memo_budget_are_read_at_every_item(folder, monkeypatch):
+    monkeypatch.setattr(PersonalizedBase, "memo_bytes", 16 * 16 * 3)  # one 16 px image
+    data = PersonalizedBase(str(folder), size=16, flip_p=0.0)
+    kept = data[0]
+    reads = []
+    monkeypatch.setattr("ldm.data.personalized.load_rgb", lambda path: reads.append(path) or load_rgb(path))
+    assert [data[i]["image_key"] for i in (0, 1, 2, 3)] == [kept["image_key"], data[1]["image_key"]] * 2
+    assert reads == [data.image_paths[1]] * 3  # the second image did not fit: read at each of its items
 
 
 def test_non_rgb_images_are_converted(tmp_path):

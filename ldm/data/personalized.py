@@ -147,7 +147,7 @@ class PersonalizedBase(Dataset):
         self.class_text_p = class_text_p
         if templates is not None:
             self.templates = resolve_templates(templates)
-        self._prepared = {}
+        self._prepared, self._prepared_bytes = {}, 0
         for i in range(self.num_images):
             self.prepared(i)  # a corrupt file fails here, naming itself, not mid-training
 
@@ -178,8 +178,9 @@ class PersonalizedBase(Dataset):
         if not self.memoise:
             return array, None
         entry = array, tuple(_digest(a) for a in (array, array[:, ::-1]))
-        if sum(a.nbytes for a, _ in self._prepared.values()) + array.nbytes <= self.memo_bytes:
+        if self._prepared_bytes + array.nbytes <= self.memo_bytes:
             self._prepared[image_index] = entry
+            self._prepared_bytes += array.nbytes
         return entry
 
     def image(self, image_index):
