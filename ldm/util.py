@@ -101,6 +101,11 @@ def memoised_rows(memo, keys, compute, limit):
     return torch.stack([memo[k] for k in keys])
 
 
+def autocast_dtype(device_type):
+    """The dtype autocast casts to on `device_type` ("cpu", "cuda"), or None where it is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 _SUBMODULES = weakref.WeakKeyDictionary()
 
 
@@ -113,8 +118,7 @@ def module_stamp(module, device):
         _SUBMODULES[module] = list(module.modules())[1:]  # not the module itself: the entry would keep it alive
     modules = [module, *_SUBMODULES[module]]
     tensors = (t for m in modules for t in itertools.chain(m._parameters.values(), m._buffers.values()))
-    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    return str(device), autocast, tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+    return str(device), autocast_dtype(device.type), tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
 
 
 class FrozenModuleMemo(dict):

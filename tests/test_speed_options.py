@@ -90,21 +90,30 @@ def test_spatial_transformer_projections_as_matrix_products_match_the_convolutio
     assert (outputs[0] - x).abs().max() > 0.1
 
 
-def _kept_for_backward(fn, inputs, modules, monkeypatch):
-    """What autograd keeps for backward while running fn(*inputs): the tensors it saves, and the inputs of the
-    recipes it keeps instead (the modules' weights aside), as (bytes, shapes); and the inputs' gradients."""
+@pytest.fixture
+def unpacked(monkeypatch):
+    """What recompute_saved's hooks packed, as backward unpacks it: kept tensors, and recipe tuples."""
     from ldm.modules.diffusionmodules import util
 
-    kept, unpack = [], util._unpack_recipe
+    seen, unpack = [], util._unpack_recipe
+    monkeypatch.setattr(util, "_unpack_recipe", lambda packed: (seen.append(packed), unpack(packed))[1])
+    return seen
 
-    def unpack_and_count(packed):  # what recompute_saved's hooks packed
-        kept.extend([packed] if torch.is_tensor(packed) else [a for a in packed[0].args if torch.is_tensor(a)])
-        return unpack(packed)
 
-    monkeypatch.setattr(util, "_unpack_recipe", unpack_and_count)
+def _recipes(packed):
+    return [p for p in packed if not torch.is_tensor(p)]
+
+
+def _kept_for_backward(fn, inputs, modules, unpacked):
+    """What autograd keeps for backward while running fn(*inputs): the tensors it saves, and the inputs of the
+    recipes it keeps instead (the modules' weights aside), as (bytes, shapes); and the inputs' gradients."""
+    unpacked.clear()
+    kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: (kept.append(t), t)[1], lambda t: t):
         out = fn(*inputs)
     grads = torch.autograd.grad(out.square().sum(), inputs)
+    for packed in unpacked:
+        kept.extend([packed] if torch.is_tensor(packed) else [a for a in packed[0].args if torch.is_tensor(a)])
     weights = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
     kept = [t for t in kept if t.untyped_storage().data_ptr() not in weights]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
@@ -112,7 +121,7 @@ def _kept_for_backward(fn, inputs, modules, monkeypatch):
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_recomputed_projections_keep_less_and_give_the_same_gradients_bit_for_bit(tiny_bert, monkeypatch, autocast):
+def test_recomputed_projections_keep_less_and_give_the_same_gradients_bit_for_bit(tiny_bert, unpacked, autocast):
     from ldm.modules.attention import SpatialTransformer
     from ldm.modules.diffusionmodules.util import keeping_saved
 
@@ -130,7 +139,7 @@ def test_recomputed_projections_keep_less_and_give_the_same_gradients_bit_for_bi
                 contextlib.nullcontext() if recompute else keeping_saved():
             return block(image, encoder.transformer.encode_embeddings(tokens)).float()
 
-    results = {recompute: _kept_for_backward(lambda x: step(x, recompute), (tokens,), (block, encoder), monkeypatch)
+    results = {recompute: _kept_for_backward(lambda x: step(x, recompute), (tokens,), (block, encoder), unpacked)
                for recompute in (False, True)}
     (bytes_kept, shapes_kept, grads), (bytes_recomputing, shapes_recomputing, grads_recomputing) = results.values()
     assert torch.equal(grads_recomputing[0], grads[0])
@@ -143,19 +152,16 @@ def test_recomputed_projections_keep_less_and_give_the_same_gradients_bit_for_bi
     assert bytes_kept - bytes_recomputing > queries_keys_values
 
 
-def test_recomputation_stands_aside_in_checkpointed_regions_and_refuses_inputs_changed_in_place(tiny_bert, monkeypatch):
+def test_recomputation_stands_aside_in_checkpointed_regions_and_refuses_inputs_changed_in_place(tiny_bert, unpacked):
     from ldm.modules.diffusionmodules import util
 
-    recomputed = []
-    unpack = util._unpack_recipe
-    monkeypatch.setattr(util, "_unpack_recipe", lambda p: (recomputed.append(not torch.is_tensor(p)), unpack(p))[1])
     for use_checkpoint in (False, True):
         encoder = BERTEmbedder(n_embed=32, n_layer=2, use_checkpoint=use_checkpoint).requires_grad_(False)
         encoder.load_state_dict(tiny_bert.state_dict())
-        recomputed.clear()
+        unpacked.clear()
         x = torch.randn(2, 77, 32, requires_grad=True)
         encoder.transformer.encode_embeddings(x).sum().backward()
-        assert any(recomputed) != use_checkpoint
+        assert bool(_recipes(unpacked)) != use_checkpoint
 
     layer = torch.nn.Linear(4, 8, bias=False).requires_grad_(False)
     x = torch.randn(3, 4, requires_grad=True)
@@ -168,16 +174,12 @@ def test_recomputation_stands_aside_in_checkpointed_regions_and_refuses_inputs_c
         y.sum().backward()
 
 
-def test_recomputed_projections_train_the_same_embedding_bit_for_bit(fixture_dir, monkeypatch):
+def test_recomputed_projections_train_the_same_embedding_bit_for_bit(fixture_dir, unpacked):
     from omegaconf import OmegaConf
 
-    from ldm.modules.diffusionmodules import util
     from ldm.util import instantiate_from_config
     from load import load_state_dict_into
 
-    recipes = []
-    unpack = util._unpack_recipe
-    monkeypatch.setattr(util, "_unpack_recipe", lambda p: (recipes.append(not torch.is_tensor(p)), unpack(p))[1])
     images = torch.rand(4, 16, 16, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1  # as the dataset gives
     runs = {}
     for recompute in (False, True):
@@ -188,7 +190,7 @@ def test_recomputed_projections_train_the_same_embedding_bit_for_bit(fixture_dir
         model.train()
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=5e-3)
         torch.manual_seed(0)
-        recipes.clear()
+        unpacked.clear()
         losses = []
         for step in range(5):
             loss, _ = model.shared_step({"image": images[step % 2::2], "caption": ["a photo of *"] * 2})
@@ -196,7 +198,7 @@ def test_recomputed_projections_train_the_same_embedding_bit_for_bit(fixture_dir
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())
-        runs[recompute] = losses, [p.detach().clone() for p in model.trainable_parameters()], any(recipes)
+        runs[recompute] = losses, [p.detach().clone() for p in model.trainable_parameters()], bool(_recipes(unpacked))
     (losses, vectors, recomputed), (losses_r, vectors_r, recomputed_r) = runs[False], runs[True]
     assert recomputed_r and not recomputed
     assert losses_r == losses and all(torch.equal(a, b) for a, b in zip(vectors_r, vectors))

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ldm.util import autocast_dtype
+
 
 _local = threading.local()  # .keep: how many keeping_saved blocks this thread is inside
 
@@ -51,8 +53,7 @@ def recompute_saved(recipes):
         return
     by_id = {id(_root(t)): fn for t, fn in recipes.items()}
     # the recipes' tensors were made under the autocast of the block's start (inside an operation it reads as off)
-    autocast = {t.device.type: torch.get_autocast_dtype(t.device.type) for t in recipes
-                if torch.is_autocast_enabled(t.device.type)}
+    autocast = {t.device.type: autocast_dtype(t.device.type) for t in recipes}
 
     def pack(t):
         base = _root(t)
