@@ -218,3 +218,43 @@ def test_recomputed_projections_keep_second_order_gradients():
         (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
         results.append(torch.autograd.grad(g.square().sum(), x)[0])
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", True])  # True: inductor, as `compile: true` runs it
+def test_compile_runs_the_training_step_compiled_and_sampling_eagerly_with_the_same_gradients(fixture_dir, backend):
+    from omegaconf import OmegaConf
+    from torch._dynamo.utils import counters
+
+    from ldm.util import instantiate_from_config
+    from load import load_state_dict_into
+
+    images = torch.rand(4, 16, 16, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    runs = {}
+    try:
+        for compile in (False, backend):
+            config = OmegaConf.load("configs/tiny/txt2img-tiny-finetune.yaml")
+            config.model.params.compile = compile
+            model = instantiate_from_config(config.model)
+            load_state_dict_into(model, str(fixture_dir / "state_dict.safetensors"), strict=False)
+            model.train()
+            graphs = []
+            for step in range(2):
+                torch.manual_seed(step)
+                loss, _ = model.shared_step({"image": images, "caption": ["a photo of *"] * 4})
+                loss.backward()
+                graphs.append(counters["stats"]["unique_graphs"])
+                with torch.no_grad():  # as the samplers call it: a guidance pair of another batch size
+                    model.apply_model(torch.randn(6, 4, 8, 8), torch.full((6,), 500), torch.randn(6, 77, 32))
+                graphs.append(counters["stats"]["unique_graphs"])
+            runs[compile] = loss.item(), [p.grad for p in model.trainable_parameters()], graphs, list(model.state_dict())
+    finally:
+        torch._dynamo.reset()
+    (loss, grads, graphs, keys), (loss_c, grads_c, graphs_c, keys_c) = runs[False], runs[backend]
+    assert len(set(graphs)) == 1 and graphs_c[0] == graphs[0] + 1 and len(set(graphs_c)) == 1  # one graph, once
+    assert keys_c == keys
+    if backend == "aot_eager":  # the same operations, traced: bit for bit
+        assert loss_c == loss and all(torch.equal(a, b) for a, b in zip(grads_c, grads))
+    else:  # inductor's fused kernels round differently
+        assert loss_c == pytest.approx(loss, rel=1e-5)
+        for a, b in zip(grads_c, grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

@@ -37,6 +37,15 @@ class DiffusionWrapper(nn.Module):
         return self.diffusion_model(x, t, context=context)
 
 
+def _compiled(forward, backend):
+    """torch.compile of the training step's UNet call (`backend`: True for inductor, or a backend's name such as
+    "aot_eager"); None when off. Sampling runs the UNet eagerly: its batches (guidance pairs, logged grids) have
+    other shapes, each of which would compile again."""
+    if not backend:
+        return None
+    return torch.compile(forward, backend="inductor" if backend is True else str(backend))
+
+
 class LatentDiffusion(NoiseSchedule, TextConditionedModel):
     generator_parts = ("model",)
     timestep_bands_ok = True
@@ -74,8 +83,7 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
         self.channels_last, self.recompute_projections = channels_last, recompute_projections
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if compile:
-            self.model.diffusion_model.compile()  # in place: state-dict keys stay the same
+        self._compiled_model = _compiled(self.model.forward, compile)
 
     # ---- first stage and conditioning ------------------------------------------------------------
     @torch.no_grad()
@@ -99,7 +107,8 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
         """x_t: (B, C, h, w), t: (B,) int64, c: (B, T, D) -> eps: (B, C, h, w)."""
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        return self.model(x_t, t, c_crossattn=[c])
+        compiled = self._compiled_model is not None and torch.is_grad_enabled()
+        return (self._compiled_model if compiled else self.model)(x_t, t, c_crossattn=[c])
 
     # ---- training ---------------------------------------------------------------------------------
     def latents_from_batch(self, batch):
