@@ -174,20 +174,30 @@ def test_recomputation_stands_aside_in_checkpointed_regions_and_refuses_inputs_c
         y.sum().backward()
 
 
-def test_recomputed_projections_train_the_same_embedding_bit_for_bit(fixture_dir, unpacked):
+def _tiny_ti_model(fixture_dir, **params):
+    """The tests' tiny TI model (configs/tiny) with `params` set, its weights loaded, in training mode."""
     from omegaconf import OmegaConf
 
     from ldm.util import instantiate_from_config
     from load import load_state_dict_into
 
-    images = torch.rand(4, 16, 16, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1  # as the dataset gives
+    config = OmegaConf.load("configs/tiny/txt2img-tiny-finetune.yaml")
+    config.model.params.update(params)
+    model = instantiate_from_config(config.model)
+    load_state_dict_into(model, str(fixture_dir / "state_dict.safetensors"), strict=False)  # vectors from "dog"
+    return model.train()
+
+
+def _tiny_images():
+    """(4, 16, 16, 3) in [-1, 1], as the dataset gives."""
+    return torch.rand(4, 16, 16, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def test_recomputed_projections_train_the_same_embedding_bit_for_bit(fixture_dir, unpacked):
+    images = _tiny_images()
     runs = {}
     for recompute in (False, True):
-        config = OmegaConf.load("configs/tiny/txt2img-tiny-finetune.yaml")
-        config.model.params.recompute_projections = recompute
-        model = instantiate_from_config(config.model)
-        load_state_dict_into(model, str(fixture_dir / "state_dict.safetensors"), strict=False)  # vectors from "dog"
-        model.train()
+        model = _tiny_ti_model(fixture_dir, recompute_projections=recompute)
         opt = torch.optim.AdamW(model.trainable_parameters(), lr=5e-3)
         torch.manual_seed(0)
         unpacked.clear()
@@ -222,21 +232,13 @@ def test_recomputed_projections_keep_second_order_gradients():
 
 @pytest.mark.parametrize("backend", ["aot_eager", True])  # True: inductor, as `compile: true` runs it
 def test_compile_runs_the_training_step_compiled_and_sampling_eagerly_with_the_same_gradients(fixture_dir, backend):
-    from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
 
-    from ldm.util import instantiate_from_config
-    from load import load_state_dict_into
-
-    images = torch.rand(4, 16, 16, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    images = _tiny_images()
     runs = {}
     try:
         for compile in (False, backend):
-            config = OmegaConf.load("configs/tiny/txt2img-tiny-finetune.yaml")
-            config.model.params.compile = compile
-            model = instantiate_from_config(config.model)
-            load_state_dict_into(model, str(fixture_dir / "state_dict.safetensors"), strict=False)
-            model.train()
+            model = _tiny_ti_model(fixture_dir, compile=compile)
             graphs = []
             for step in range(2):
                 torch.manual_seed(step)
