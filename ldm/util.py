@@ -69,6 +69,8 @@ def atomic_path(path):
     os.umask(umask)
     try:
         yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on the disk before it takes the name: a crash leaves the old file or the new one
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(tmp, path)
     finally:
