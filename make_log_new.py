@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from pytorch_lightning.utilities import rank_zero_only
 
+from ldm.rng import derived_seed, seeded_generators
 from ldm.util import atomic_path
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,10 @@ class ImageLogger(pl.Callback):
             return
         was_training = pl_module.training
         pl_module.eval()
-        with torch.no_grad():
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        # a seed of its own: the grids of one run are drawn alike at every step, and logging them leaves the
+        # training's random stream where it was (a resumed run, which logs no grid at its first step, stays exact)
+        with torch.no_grad(), seeded_generators(derived_seed("image_logger", split), devices):
             images = pl_module.log_images(batch, N=self.max_images, **self.log_images_kwargs)
         pl_module.train(was_training)
         folder = os.path.join(trainer.logger.save_dir if trainer.logger else trainer.default_root_dir, "images", split)

@@ -7,16 +7,21 @@ Run folder (`logs/<data><time>_<name>/`):
     checkpoints/modules.safetensors, modules_gs-<N>.safetensors    trained conditioner modules, if any
 Every file is written atomically (temporary file + rename), and only by rank 0.
 """
+import csv
 import logging
 import os
+import signal
+import time
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities import rank_zero_only
 from safetensors.torch import save_file
 
+from ldm.rng import random_states, set_random_states
 from ldm.util import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -42,15 +47,115 @@ class SetupCallback(pl.Callback):
         log.info("run folder: %s", self.logdir)
 
 
-class AtomicModelCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose files appear whole or not at all."""
+class RunInterrupted(Exception):
+    """A stop signal (SIGINT, SIGTERM) reached the run; it stopped at a step boundary with its state saved."""
 
-    def _save_checkpoint(self, trainer, filepath):
-        partial = filepath + ".partial"
-        super()._save_checkpoint(trainer, partial)  # every rank takes part, rank 0 writes
-        if trainer.is_global_zero:
-            os.replace(partial, filepath)
-        self._last_checkpoint_saved = filepath
+    def __init__(self, signum, step):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+
+class StopSignals:
+    """While entered, SIGINT and SIGTERM ask the run to stop after its current step (`received`: the signal).
+
+    A second Ctrl-C stops at once, without saving.
+    """
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is None:
+            log.warning("%s: stopping after this step and saving (Ctrl-C again stops at once, without saving)",
+                        signal.Signals(signum).name)
+        self.received = self.received or signum
+
+
+class ResumableCheckpoint(pl.Callback):
+    """Writes `last.ckpt` every `every_n_train_steps` steps, every `every_n_minutes` minutes of training, when
+    training ends and when a stop signal arrives; always at the end of a step, so that the run resumed from it
+    (-r) trains on exactly as the uninterrupted run would have: the checkpoint carries the optimizer, the data
+    stream's position (the loader's state) and the global random generators as they were after the step.
+
+    The file is written beside its name and then renamed over it: a kill or a full disk at any byte leaves the
+    previous checkpoint in place. Every rank takes part in a save; rank 0 decides when (data parallelism).
+    """
+
+    def __init__(self, dirpath, every_n_train_steps=500, every_n_minutes=5.0, signals=None):
+        super().__init__()
+        self.dirpath, self.every_n_train_steps, self.every_n_minutes = dirpath, every_n_train_steps, every_n_minutes
+        self.signals = signals
+        self._states = self._resumed_states = None
+        self._last_save = time.monotonic()
+
+    @property
+    def path(self):
+        return os.path.join(self.dirpath, "last.ckpt")
+
+    def state_dict(self):
+        return {"random": self._states or random_states()}
+
+    def load_state_dict(self, state):
+        self._resumed_states = state["random"]
+
+    def on_train_start(self, trainer, pl_module):
+        if self._resumed_states is not None:  # after everything that set up the run
+            set_random_states(self._resumed_states)
+            self._resumed_states = None
+        self._last_save = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._states = random_states()  # as they are between steps, whatever happens next
+        step, stop = trainer.global_step, self.signals is not None and self.signals.received
+        due = step % self.every_n_train_steps == 0 if self.every_n_train_steps else False
+        late = self.every_n_minutes and time.monotonic() - self._last_save >= 60 * self.every_n_minutes
+        save, stop = trainer.strategy.broadcast((bool(due or late or stop), stop), src=0)
+        if save:
+            self.save(trainer)
+        if stop:
+            raise RunInterrupted(stop, step)
+
+    def on_train_end(self, trainer, pl_module):
+        self.save(trainer)
+
+    def save(self, trainer):
+        partial = os.path.join(self.dirpath, ".last.ckpt.partial")
+        try:
+            trainer.save_checkpoint(partial, weights_only=False)  # every rank takes part, rank 0 writes
+            if trainer.is_global_zero:
+                with open(partial, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(partial, self.path)
+        finally:
+            if trainer.is_global_zero and os.path.exists(partial):
+                os.remove(partial)
+        self._last_save = time.monotonic()
+
+    def on_exception(self, trainer, pl_module, exception):
+        """A crash or an abort: save the state of the last finished step (rank 0 alone: the others may be gone)."""
+        if isinstance(exception, RunInterrupted) or not trainer.is_global_zero or trainer.global_step == 0:
+            return
+        try:
+            with atomic_path(self.path) as tmp:
+                torch.save(trainer._checkpoint_connector.dump_checkpoint(), tmp)
+        except OSError as e:
+            log.warning("could not save %s after the run failed: %s", self.path, e)
+            return
+        log.warning("run stopped (%s) at step %d: %s saved; resume with -r", type(exception).__name__,
+                    trainer.global_step, self.path)
 
 
 class EmbeddingCheckpoint(pl.Callback):
@@ -102,12 +207,44 @@ class EmbeddingCheckpoint(pl.Callback):
             log.warning("embedding differs between ranks (max abs diff %.3g)", diff)
 
     def on_exception(self, trainer, pl_module, exception):
-        self.save(pl_module)
-        if trainer.is_global_zero and trainer.global_step > 0:
-            # no barrier here: the other ranks may already be gone
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint()
-            with atomic_path(os.path.join(self.ckptdir, "last.ckpt")) as tmp:
-                torch.save(checkpoint, tmp)
-            saved = "embedding and last.ckpt" if getattr(pl_module, "embedding_manager", None) else "last.ckpt"
-            log.warning("run interrupted (%s): %s saved in %s; resume with -r", type(exception).__name__, saved,
-                        self.ckptdir)
+        try:
+            self.save(pl_module)
+        except OSError as e:
+            log.warning("could not save the embedding after the run stopped: %s", e)
+
+
+class _ContinuedWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that it continues `metrics.csv`: the rows of steps before `first_step` are
+    kept (Lightning's own writer deletes the file), later ones (logged after the checkpoint a resumed run starts
+    from) are dropped, so the file holds each step once."""
+
+    def __init__(self, log_dir, first_step):
+        self.first_step = first_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self):
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [row for row in reader if int(float(row["step"])) < self.first_step]
+            self.metrics_keys = list(reader.fieldnames or [])
+        with atomic_path(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """CSVLogger writing `metrics.csv` in `save_dir`, continued from step `first_step` (see _ContinuedWriter)."""
+
+    def __init__(self, save_dir, first_step=0):
+        super().__init__(save_dir=save_dir, name="", version="")
+        self.first_step = first_step
+
+    @property
+    def experiment(self):
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuedWriter(self.log_dir, self.first_step)
+        return self._experiment

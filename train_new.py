@@ -10,6 +10,7 @@ lightning.trainer.max_steps=1000, data.params.batch_size=2).
 import argparse
 import datetime
 import glob
+import itertools
 import logging
 import os
 import sys
@@ -18,21 +19,18 @@ from collections import namedtuple
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from pytorch_lightning.loggers import CSVLogger
 
+from ldm.cli import UsageError, run_command
 from ldm.util import instantiate_from_config
 from load import load_state_dict_into
 from make_log_new import ImageLogger, LossCurve, StepTimer
-from setup import AtomicModelCheckpoint, EmbeddingCheckpoint, SetupCallback
+from setup import (ContinuedCSVLogger, EmbeddingCheckpoint, ResumableCheckpoint, RunInterrupted, SetupCallback,
+                   StopSignals)
 
 log = logging.getLogger("train_new")
 
 
 Run = namedtuple("Run", "logdir model trainer")
-
-
-class UsageError(Exception):
-    """A problem with the command line or its files, reported in one line."""
 
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
@@ -72,17 +70,49 @@ def _bool(v):
 
 
 def resolve_resume(opt):
-    """-r RUN_DIR or -r RUN_DIR/checkpoints/x.ckpt -> (run folder, checkpoint, saved configs)."""
+    """-r RUN_DIR or -r RUN_DIR/checkpoints/x.ckpt -> (run folder, checkpoint or None, saved configs).
+
+    A run killed before its first checkpoint has none: it starts again from step 0 in its folder."""
     if not os.path.exists(opt.resume):
         raise UsageError(f"cannot resume: {opt.resume} does not exist (give a run folder under logs/)")
     if os.path.isfile(opt.resume):
         logdir, ckpt = os.path.dirname(os.path.dirname(opt.resume)), opt.resume
     else:
         logdir, ckpt = opt.resume.rstrip("/"), os.path.join(opt.resume, "checkpoints", "last.ckpt")
-    if not os.path.isfile(ckpt):
-        raise UsageError(f"cannot resume: {ckpt} not found (the run saved no checkpoint yet)")
     saved = [sorted(glob.glob(os.path.join(logdir, "configs", f"*-{kind}.yaml")))[-1:] for kind in ("project", "lightning")]
+    if not saved[0]:
+        raise UsageError(f"cannot resume: {logdir} holds no configs/*-project.yaml (is it a run folder?)")
+    if not os.path.isfile(ckpt):
+        log.warning("%s has no checkpoint yet: the run starts again from step 0 in that folder", logdir)
+        ckpt = None
     return logdir, ckpt, saved[0] + saved[1]
+
+
+def resume_step(ckpt):
+    """The step a checkpoint was saved at (0 without one); a damaged checkpoint is refused in one line."""
+    if ckpt is None:
+        return 0
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception as e:  # any damage: the message says what to do
+        raise UsageError(f"cannot resume from {ckpt}: it is damaged or not a training checkpoint "
+                         f"({type(e).__name__}); give another checkpoint of the run with -r RUN/checkpoints/FILE") from e
+
+
+def claim_run_folder(parent, stamp, name):
+    """Create the run folder `parent/<stamp>_<name>` exclusively (`<stamp>-2_<name>`, ... if a run started in the
+    same second took it) -> its path. A data-parallel worker takes the folder its launcher claimed."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get("LDM_RUN_DIR"):
+        return os.environ["LDM_RUN_DIR"]
+    os.makedirs(parent, exist_ok=True)
+    for k in itertools.count(1):
+        path = os.path.join(parent, (stamp if k == 1 else f"{stamp}-{k}") + (f"_{name}" if name else ""))
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        os.environ["LDM_RUN_DIR"] = path  # for the workers a data-parallel launcher starts
+        return path
 
 
 def apply_speed_options(config, opt):
@@ -106,8 +136,12 @@ def build_config(opt, dotlist):
     config = OmegaConf.merge(*[OmegaConf.load(p) for p in opt.base], OmegaConf.from_dotlist(dotlist))
     run = config.get("run", OmegaConf.create())
     for key in ("actual_resume", "data_root", "init_word", "placeholder_string", "allow_existing_token"):
-        if getattr(opt, key) is not None:
-            run[key] = getattr(opt, key)
+        value = getattr(opt, key)
+        if isinstance(value, str) and not value.strip():
+            raise UsageError(f"--{key} is empty: give a value (e.g. --init_word dog --placeholder_string '*') "
+                             "or leave the flag out to keep the config's")
+        if value is not None:
+            run[key] = value
     config.run = run
     apply_run_to_config(config)
     apply_speed_options(config, opt)
@@ -148,15 +182,15 @@ def choose_devices(opt, trainer_cfg):
     return accelerator, trainer_cfg.pop("devices", 1)
 
 
-def make_callbacks(opt, config, lightning_config, now, logdir):
+def make_callbacks(opt, config, lightning_config, now, logdir, signals):
     ckptdir, cfgdir = os.path.join(logdir, "checkpoints"), os.path.join(logdir, "configs")
-    every = OmegaConf.select(lightning_config, "modelcheckpoint.params.every_n_train_steps", default=500)
+    checkpointing = dict(OmegaConf.select(lightning_config, "modelcheckpoint.params", default=None) or {})
+    checkpointing.setdefault("every_n_train_steps", 500)
     callbacks = [
         StepTimer(),
         SetupCallback(opt.resume, now, logdir, ckptdir, cfgdir, config, lightning_config),
-        AtomicModelCheckpoint(dirpath=ckptdir, filename="{epoch:06}-{step:06}", save_last=True,
-                              every_n_train_steps=every, save_top_k=0),
-        EmbeddingCheckpoint(ckptdir, every_n_steps=every),
+        ResumableCheckpoint(ckptdir, signals=signals, **checkpointing),
+        EmbeddingCheckpoint(ckptdir, every_n_steps=checkpointing["every_n_train_steps"]),
         LossCurve(os.path.join(logdir, "loss.png")),
         pl.callbacks.LearningRateMonitor(logging_interval="step"),
     ]
@@ -168,11 +202,14 @@ def make_callbacks(opt, config, lightning_config, now, logdir):
     return callbacks
 
 
-def make_loggers(logdir):
-    loggers = [CSVLogger(save_dir=logdir, name="", version="")]
+def make_loggers(logdir, first_step):
+    """metrics.csv (continued from `first_step` when a run resumes) and, if installed, TensorBoard (its later
+    events purged likewise)."""
+    loggers = [ContinuedCSVLogger(logdir, first_step)]
     try:
         from pytorch_lightning.loggers import TensorBoardLogger
-        loggers.append(TensorBoardLogger(save_dir=logdir, name="tensorboard", version=""))
+        loggers.append(TensorBoardLogger(save_dir=logdir, name="tensorboard", version="",
+                                         purge_step=first_step or None))
     except ModuleNotFoundError:
         log.info("tensorboard not installed: scalars go to metrics.csv only")
     return loggers
@@ -199,19 +236,17 @@ def set_learning_rate(model, config, trainer_cfg, n_devices, opt):
              f"{accumulate} x {n_devices} x {bs} x {base_lr:.2e}" if opt.scale_lr else "not scaled")
 
 
-def run(opt, dotlist):
-    now = os.environ.setdefault("LDM_RUN_STAMP", datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S"))
+def run(opt, dotlist, signals=None):
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     ckpt = None
     if opt.resume:
         logdir, ckpt, saved = resolve_resume(opt)
         opt.base = saved + opt.base
     config = build_config(opt, dotlist)
-    if not opt.resume:
-        data_name = os.path.basename(os.path.normpath(config.run.data_root)) if config.run.get("data_root") else ""
-        logdir = os.path.join(opt.logdir, f"{data_name}{now}" + (f"_{opt.name}" if opt.name else ""))
+    first_step = resume_step(ckpt)
     pl.seed_everything(opt.seed, verbose=False)
 
-    data = instantiate_from_config(config.data)
+    data = instantiate_from_config(config.data, seed=opt.seed)
     data.setup()  # bad data fails here, before a large model is loaded
     lightning_config = config.pop("lightning", OmegaConf.create())
     trainer_cfg = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
@@ -220,34 +255,45 @@ def run(opt, dotlist):
     if n_devices > 1:
         trainer_cfg.setdefault("strategy", "ddp")
     trainer_cfg.setdefault("log_every_n_steps", 10)
+    trainer_cfg.setdefault("use_distributed_sampler", False)  # the training stream gives each rank its share
+    trainer_cfg.setdefault("enable_checkpointing", False)  # ResumableCheckpoint writes last.ckpt
     model = build_model(config, opt)
     set_learning_rate(model, config, trainer_cfg, n_devices, opt)
 
+    if not opt.resume:
+        data_name = os.path.basename(os.path.normpath(config.run.data_root)) if config.run.get("data_root") else ""
+        logdir = claim_run_folder(opt.logdir, f"{data_name}{now}", opt.name)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=opt.num_nodes, default_root_dir=logdir,
-                         logger=make_loggers(logdir), callbacks=make_callbacks(opt, config, lightning_config, now, logdir),
-                         **trainer_cfg)
+                         logger=make_loggers(logdir, first_step),
+                         callbacks=make_callbacks(opt, config, lightning_config, now, logdir, signals), **trainer_cfg)
     if opt.train:
-        trainer.fit(model, data, ckpt_path=ckpt)
+        trainer.fit(model, data, ckpt_path=ckpt, weights_only=True)
     if not opt.no_test and "test" in data.datasets:
         trainer.test(model, data)
     return Run(logdir, model, trainer)
 
 
 def main(argv=None, default_base=(), overlays=()):
-    """overlays: configs merged after --base (the improvement entry points add their conditioner's)."""
+    """overlays: configs merged after --base (the improvement entry points add their conditioner's).
+
+    Exit status: 0 for a finished run, 2 for a user's error (one `error:` line), 128 + the signal's number for a
+    run stopped by SIGINT or SIGTERM (its state saved, resumable with -r)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opt, dotlist = get_parser(default_base).parse_known_args(argv)
     opt.base = list(opt.base) + [o for o in overlays if o not in opt.base]
     bad = [a for a in dotlist if "=" not in a]
     if bad:
-        raise SystemExit(f"error: unknown arguments {bad} (config overrides are written key=value)")
-    try:
-        return run(opt, dotlist)
-    except (UsageError, FileNotFoundError, ValueError, KeyError, RuntimeError, ImportError) as e:
-        if opt.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: unknown arguments {bad} (config overrides are written key=value)", file=sys.stderr)
         raise SystemExit(2)
+    with StopSignals() as signals:
+        try:
+            return run_command(lambda: run(opt, dotlist, signals), debug=opt.debug)
+        except RunInterrupted as e:
+            raise SystemExit(128 + e.signum) from None
+        except SystemExit as e:  # Lightning's own exits after a signal (SIGTERM, a second Ctrl-C) say 0 or 1
+            if signals.received and e.code in (0, 1, None):
+                raise SystemExit(128 + signals.received) from None
+            raise
 
 
 if __name__ == "__main__":

@@ -38,14 +38,18 @@ class LatentCache:
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
-            fresh = encode(x[missing])
-            self.gaussian = isinstance(fresh, DiagonalGaussianDistribution)
-            params = fresh.parameters if self.gaussian else fresh
+            params = torch.cat([self._moments(encode(x[i:i + 1])) for i in missing])
             if len(self.moments) + len(missing) > self.max_entries:
                 return self._assemble(keys, dict(zip((keys[i] for i in missing), params)))
             for i, p in zip(missing, params):
                 self.moments[keys[i]] = p.detach()
         return self._assemble(keys, {})
+
+    def _moments(self, posterior):
+        """Encoded one image at a time: an entry never depends on which images shared its batch (a resumed run
+        meets the images in other batches, and a convolution's last bits may depend on the batch size)."""
+        self.gaussian = isinstance(posterior, DiagonalGaussianDistribution)
+        return posterior.parameters if self.gaussian else posterior
 
     def _assemble(self, keys, extra):
         params = torch.stack([extra[k] if k in extra else self.moments[k] for k in keys])

@@ -26,4 +26,7 @@ class StateCache:
         keys = [row.tobytes() for row in ids.cpu().numpy()]
         first = {k: i for i, k in reversed(list(enumerate(keys)))}
         rows = self.rows.current(ids.device)
-        return memoised_rows(rows, keys, lambda missing: compute(ids[[first[k] for k in missing]]), self.max_rows)
+        # one row at a time: a row's states never depend on the rows it first met (a resumed run meets it in
+        # other batches, and a product's last bits may depend on the batch size)
+        return memoised_rows(rows, keys, lambda missing: torch.cat([compute(ids[first[k]][None]) for k in missing]),
+                             self.max_rows)
