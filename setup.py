@@ -47,14 +47,6 @@ class SetupCallback(pl.Callback):
         log.info("run folder: %s", self.logdir)
 
 
-class RunInterrupted(Exception):
-    """A stop signal (SIGINT, SIGTERM) reached the run; it stopped at a step boundary with its state saved."""
-
-    def __init__(self, signum, step):
-        super().__init__(f"{signal.Signals(signum).name} at step {step}")
-        self.signum, self.step = signum, step
-
-
 class StopSignals:
     """While entered, SIGINT and SIGTERM ask the run to stop after its current step (`received`: the signal).
 
@@ -86,7 +78,7 @@ class StopSignals:
 
 class ResumableCheckpoint(pl.Callback):
     """Writes `last.ckpt` every `every_n_train_steps` steps, every `every_n_minutes` minutes of training, when
-    training ends and when a stop signal arrives; always at the end of a step, so that the run resumed from it
+    training ends and when a stop signal arrives (the run then ends after that step); always at the end of a step, so that the run resumed from it
     (-r) trains on exactly as the uninterrupted run would have: the checkpoint carries the optimizer, the data
     stream's position (the loader's state) and the global random generators as they were after the step.
 
@@ -99,7 +91,7 @@ class ResumableCheckpoint(pl.Callback):
         self.dirpath, self.every_n_train_steps, self.every_n_minutes = dirpath, every_n_train_steps, every_n_minutes
         self.signals = signals
         self._states = self._resumed_states = None
-        self._last_save = time.monotonic()
+        self._last_save, self._saved_step = time.monotonic(), 0
 
     @property
     def path(self):
@@ -115,7 +107,7 @@ class ResumableCheckpoint(pl.Callback):
         if self._resumed_states is not None:  # after everything that set up the run
             set_random_states(self._resumed_states)
             self._resumed_states = None
-        self._last_save = time.monotonic()
+        self._last_save, self._saved_step = time.monotonic(), trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._states = random_states()  # as they are between steps, whatever happens next
@@ -125,11 +117,14 @@ class ResumableCheckpoint(pl.Callback):
         save, stop = trainer.strategy.broadcast((bool(due or late or stop), stop), src=0)
         if save:
             self.save(trainer)
-        if stop:
-            raise RunInterrupted(stop, step)
+        if stop and not trainer.should_stop:  # Lightning logs this step, then ends the run
+            trainer.should_stop = True
+            log.warning("stopped by %s after step %d, its state saved in %s; resume with: python train_new.py -r %s -t",
+                        signal.Signals(stop).name, step, self.path, os.path.dirname(self.dirpath))
 
     def on_train_end(self, trainer, pl_module):
-        self.save(trainer)
+        if self._saved_step != trainer.global_step:
+            self.save(trainer)
 
     def save(self, trainer):
         partial = os.path.join(self.dirpath, ".last.ckpt.partial")
@@ -139,6 +134,10 @@ class ResumableCheckpoint(pl.Callback):
                 with open(partial, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(partial, self.path)
+            self._saved_step = trainer.global_step
+        except OSError as e:
+            e.filename = e.filename or partial  # a full disk is reported with the folder it filled
+            raise
         finally:
             if trainer.is_global_zero and os.path.exists(partial):
                 os.remove(partial)
@@ -146,7 +145,7 @@ class ResumableCheckpoint(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         """A crash or an abort: save the state of the last finished step (rank 0 alone: the others may be gone)."""
-        if isinstance(exception, RunInterrupted) or not trainer.is_global_zero or trainer.global_step == 0:
+        if self._saved_step == trainer.global_step or not trainer.is_global_zero:
             return
         try:
             with atomic_path(self.path) as tmp:

@@ -21,11 +21,11 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.cli import UsageError, run_command
+from ldm.config_check import COMMAND_LINE, check_config, load_config_file, overrides_config, untrusted_targets
 from ldm.util import instantiate_from_config
 from load import load_state_dict_into
 from make_log_new import ImageLogger, LossCurve, StepTimer
-from setup import (ContinuedCSVLogger, EmbeddingCheckpoint, ResumableCheckpoint, RunInterrupted, SetupCallback,
-                   StopSignals)
+from setup import ContinuedCSVLogger, EmbeddingCheckpoint, ResumableCheckpoint, SetupCallback, StopSignals
 
 log = logging.getLogger("train_new")
 
@@ -34,6 +34,7 @@ Run = namedtuple("Run", "logdir model trainer")
 
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+RUN_KEYS = ("actual_resume", "data_root", "init_word", "placeholder_string", "allow_existing_token")  # flags kept in run
 
 
 def get_parser(default_base=()):
@@ -61,6 +62,9 @@ def get_parser(default_base=()):
                         "Weights and the learned embedding stay float32")
     p.add_argument("--grad_checkpoint", type=_bool, default=None,
                    help="gradient checkpointing of the UNet and of the LDM BERT encoder (true/false)")
+    p.add_argument("--trust_configs", action="store_true",
+                   help="with -r: build what the run folder's saved configs name even outside this framework's "
+                        "modules (configs are code: only for run folders you trust)")
     p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
     return p
 
@@ -82,10 +86,26 @@ def resolve_resume(opt):
     saved = [sorted(glob.glob(os.path.join(logdir, "configs", f"*-{kind}.yaml")))[-1:] for kind in ("project", "lightning")]
     if not saved[0]:
         raise UsageError(f"cannot resume: {logdir} holds no configs/*-project.yaml (is it a run folder?)")
+    if not opt.trust_configs:
+        refuse_outside_code(saved[0] + saved[1])
     if not os.path.isfile(ckpt):
         log.warning("%s has no checkpoint yet: the run starts again from step 0 in that folder", logdir)
         ckpt = None
     return logdir, ckpt, saved[0] + saved[1]
+
+
+TRUSTED_MODULES = ("ldm.", "improvement.", "make_log_new.", "setup.", "torch.nn.", "torch.optim.",
+                   "pytorch_lightning.callbacks.", "pytorch_lightning.loggers.")
+
+
+def refuse_outside_code(paths):
+    """A run folder's configs name the code a resumed run imports and calls: refuse any outside this framework's
+    modules (and the torch and Lightning classes configs use) before importing anything."""
+    for path in paths:
+        outside = untrusted_targets(load_config_file(path), TRUSTED_MODULES)
+        if outside:
+            raise UsageError(f"{path} names code outside this framework ({', '.join(outside)}); configs are code: "
+                             "pass --trust_configs if you trust this run folder")
 
 
 def resume_step(ckpt):
@@ -130,12 +150,12 @@ def build_config(opt, dotlist):
     """Merge the base configs, the CLI overrides and the TI flags; record the CLI values under `run`."""
     if not opt.base:
         raise UsageError("no config given: pass --base configs/....yaml")
-    for path in opt.base:
-        if not os.path.isfile(path):
-            raise UsageError(f"config not found: {path}")
-    config = OmegaConf.merge(*[OmegaConf.load(p) for p in opt.base], OmegaConf.from_dotlist(dotlist))
+    sources = [(path, load_config_file(path)) for path in opt.base] + [(COMMAND_LINE, overrides_config(dotlist))]
+    config = OmegaConf.merge(*(cfg for _, cfg in sources))
+    check_config(config, sources, checkpoint_cls=ResumableCheckpoint, run_keys=RUN_KEYS,
+                 aliases={"main.ImageLogger": "make_log_new.ImageLogger"})
     run = config.get("run", OmegaConf.create())
-    for key in ("actual_resume", "data_root", "init_word", "placeholder_string", "allow_existing_token"):
+    for key in RUN_KEYS:
         value = getattr(opt, key)
         if isinstance(value, str) and not value.strip():
             raise UsageError(f"--{key} is empty: give a value (e.g. --init_word dog --placeholder_string '*') "
@@ -287,13 +307,14 @@ def main(argv=None, default_base=(), overlays=()):
         raise SystemExit(2)
     with StopSignals() as signals:
         try:
-            return run_command(lambda: run(opt, dotlist, signals), debug=opt.debug)
-        except RunInterrupted as e:
-            raise SystemExit(128 + e.signum) from None
+            result = run_command(lambda: run(opt, dotlist, signals), debug=opt.debug)
         except SystemExit as e:  # Lightning's own exits after a signal (SIGTERM, a second Ctrl-C) say 0 or 1
             if signals.received and e.code in (0, 1, None):
                 raise SystemExit(128 + signals.received) from None
             raise
+    if signals.received:
+        raise SystemExit(128 + signals.received)
+    return result
 
 
 if __name__ == "__main__":

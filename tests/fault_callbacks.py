@@ -1,4 +1,5 @@
 """Faults a test injects into a training run through its config (lightning.callbacks.<name>)."""
+import errno
 import os
 import signal
 
@@ -26,3 +27,19 @@ class SignalAt(pl.Callback):
                 os.kill(os.getpid(), self.signum)
 
         os.fsync = fsync_then_die
+
+
+class DiskFullAt(pl.Callback):
+    """From step `step` on, every file written to the disk fails as on a full disk (ENOSPC at its fsync)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self.step:
+            return
+
+        def full(fd):
+            raise OSError(errno.ENOSPC, "No space left on device", os.readlink(f"/proc/self/fd/{fd}"))
+
+        os.fsync = full
