@@ -1,15 +1,20 @@
-"""Callbacks that write what a person looks at during training: image grids, the loss curve, step times."""
+"""Callbacks that write what a person looks at during training: image grids, validation samples, the progress of
+the run, the loss curve, step times; and the guard that stops a run whose vectors do not learn."""
 import logging
+import math
 import os
+import sys
 import time
+import warnings
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.rng import derived_seed, seeded_generators
+from ldm.cli import UsageError
 from ldm.util import atomic_path
 
 log = logging.getLogger(__name__)
@@ -33,6 +38,161 @@ def save_png(array, path):
     """array: uint8 (H, W, 3) -> PNG at `path`, atomically."""
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
+
+
+def image_to_loggers(trainer, tag, grid, step):
+    """grid: uint8 (H, W, 3) -> every active logger that takes images (TensorBoard, W&B, MLflow)."""
+    for logger in trainer.loggers:
+        name = type(logger).__name__
+        if name == "TensorBoardLogger":
+            logger.experiment.add_image(tag, grid, step, dataformats="HWC")
+        elif name == "WandbLogger":
+            logger.log_image(key=tag, images=[grid], step=step)
+        elif name == "MLFlowLogger":
+            logger.experiment.log_image(logger.run_id, grid, f"{tag.replace('/', '_')}_{step:06}.png")
+
+
+def labelled(images, labels, min_size=128):
+    """images: (N, 3, h, w) in [0, 1], labels: N str -> (N, 3, H, W + caption) in [0, 1]: each image upscaled by an
+    integer factor to at least `min_size` (nearest neighbour: tiny images stay sharp), its label written below."""
+    factor = max(1, math.ceil(min_size / images.shape[-1]))
+    big = images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    out = []
+    for image, label in zip(big, labels):
+        canvas = Image.new("RGB", (image.shape[-1], image.shape[-2] + 14), "white")
+        canvas.paste(Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))
+        ImageDraw.Draw(canvas).text((2, image.shape[-2] + 1), label, fill="black")
+        out.append(torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255)
+    return torch.stack(out)
+
+
+class ValidationSampler(pl.Callback):
+    """Samples `prompts` every `every_n_steps` steps and when training ends, `n` images a prompt, from fixed seeds
+    (the same noise at every step, so the grids of a run compare), into `images/validation_gs-<step>.png` (one row
+    a prompt, each image labelled with its prompt and the step) and to the active loggers."""
+
+    def __init__(self, prompts, every_n_steps=250, n=4, steps=50, scale=5.0, min_size=128):
+        super().__init__()
+        self.prompts, self.every_n_steps, self.n = list(prompts), every_n_steps, n
+        self.steps, self.scale, self.min_size = steps, scale, min_size
+        self._done = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self._done != trainer.global_step:
+            self.sample(trainer, pl_module)
+
+    @rank_zero_only
+    def sample(self, trainer, pl_module):
+        was_training, step = pl_module.training, trainer.global_step
+        pl_module.eval()
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        rows = []
+        for i, prompt in enumerate(self.prompts):
+            with torch.no_grad(), seeded_generators(derived_seed("validation", i), devices):
+                x = pl_module.sample([prompt] * self.n, steps=self.steps, scale=self.scale)
+            rows.append(labelled((x.float().cpu() + 1) / 2, [f"{prompt} | step {step}"] * self.n, self.min_size))
+        pl_module.train(was_training)
+        grid = make_grid(torch.cat(rows), nrow=self.n)
+        save_png(grid, os.path.join(trainer.default_root_dir, "images", f"validation_gs-{step:06}.png"))
+        image_to_loggers(trainer, "validation", grid, step)
+        self._done = step
+
+
+class RunProgress(pl.Callback):
+    """One progress display for the whole run (step k of the run's total, its ETA, loss, lr, s/step): a bar on a
+    terminal; elsewhere (a log file) a plain line every `every_n_seconds` seconds and at the end."""
+
+    def __init__(self, every_n_seconds=30.0, stream=None):
+        super().__init__()
+        self.every_n_seconds, self.stream = every_n_seconds, stream or sys.stderr
+        self.bar = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.total, self.first = trainer.estimated_stepping_batches, trainer.global_step
+        self.start = self.last_line = time.monotonic()
+        if trainer.is_global_zero and self.stream.isatty():
+            from tqdm import tqdm
+            total = None if math.isinf(self.total) else int(self.total)
+            self.bar = tqdm(total=total, initial=self.first, unit="step", dynamic_ncols=True, file=self.stream)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not trainer.is_global_zero:
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.loss = float(loss) if loss is not None else float("nan")
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        if self.bar is not None:
+            self.bar.update(trainer.global_step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {self.loss:.4f}  lr {self.lr:.2e}  {self.seconds_per_step(trainer):.2f} s/step")
+        elif time.monotonic() - self.last_line >= self.every_n_seconds:
+            self.line(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.bar is not None:
+            self.bar.close()
+        elif trainer.is_global_zero and trainer.global_step > self.first:
+            self.line(trainer)
+
+    def seconds_per_step(self, trainer):
+        return (time.monotonic() - self.start) / max(1, trainer.global_step - self.first)
+
+    def line(self, trainer):
+        per_step, total = self.seconds_per_step(trainer), self.total
+        eta = "" if math.isinf(total) else f"  eta {_duration(per_step * (total - trainer.global_step))}"
+        of = "" if math.isinf(total) else f"/{int(total)}"
+        print(f"step {trainer.global_step}{of}  loss {self.loss:.4f}  lr {self.lr:.2e}  {per_step:.2f} s/step{eta}",
+              file=self.stream, flush=True)
+        self.last_line = time.monotonic()
+
+
+def _duration(seconds):
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02}m" if hours else f"{minutes}m{seconds:02}s"
+
+
+class VectorsMustMove(pl.Callback):
+    """Stops a TI run whose placeholder vectors are unchanged after its first `after_steps` steps (a zero gradient:
+    nothing it could learn), with one line naming the likely causes."""
+
+    def __init__(self, after_steps=20):
+        super().__init__()
+        self.after_steps = after_steps
+        self.start = None
+
+    def on_train_start(self, trainer, pl_module):
+        manager = getattr(pl_module, "embedding_manager", None)
+        if manager is not None and any(p.requires_grad for p in manager.embedding_parameters()):
+            self.start = (trainer.global_step, [p.detach().clone() for p in manager.embedding_parameters()])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.start is None or trainer.global_step != self.start[0] + self.after_steps:
+            return
+        now = pl_module.embedding_manager.embedding_parameters()
+        if all(torch.equal(a, b.detach()) for a, b in zip(self.start[1], now)):
+            placeholders = ", ".join(repr(s) for s in pl_module.embedding_manager.string_to_param_dict)
+            raise UsageError(
+                f"the placeholder vectors have not moved in {self.after_steps} steps (zero gradient): check that the "
+                f"captions contain the placeholder {placeholders} (--placeholder_string, the dataset's templates), "
+                "that the learning rate is not 0 (model.base_learning_rate) and that the vectors are trained "
+                "(model.params.train_embedding, timestep bands the training timesteps reach)")
+        self.start = None
+
+
+def quiet_console():
+    """Leave out what a user can neither act on nor needs: Lightning's adverts and three warnings, each with why."""
+    tips = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    tips.addFilter(lambda record: not record.getMessage().startswith("\N{ELECTRIC LIGHT BULB} Tip"))  # adverts
+    # a TI model keeps its frozen generator and encoders in eval mode on purpose (no dropout, fixed statistics)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # raised from inside Lightning's own code by its torch version check: nothing in a run can change it
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+    # a run without a validation split has an empty validation loader: that is how it is meant
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
 
 
 class ImageLogger(pl.Callback):
@@ -75,13 +235,8 @@ class ImageLogger(pl.Callback):
                 x = (x + 1.0) / 2.0
             name = f"{key}_gs-{trainer.global_step:06}_e-{trainer.current_epoch:06}_b-{batch_idx:06}.png"
             save_png(make_grid(x, nrow=4), os.path.join(folder, name))
-            self._to_tensorboard(trainer, f"{split}/{key}", x, trainer.global_step)
+            image_to_loggers(trainer, f"{split}/{key}", make_grid(x, nrow=4), trainer.global_step)
 
-    @staticmethod
-    def _to_tensorboard(trainer, tag, x, step):
-        for logger in trainer.loggers:
-            if hasattr(logger.experiment, "add_image"):
-                logger.experiment.add_image(tag, make_grid(x, nrow=4), step, dataformats="HWC")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.log_img(trainer, pl_module, batch, batch_idx, split="train")

@@ -24,7 +24,8 @@ from ldm.cli import UsageError, run_command
 from ldm.config_check import COMMAND_LINE, check_config, load_config_file, overrides_config, untrusted_targets
 from ldm.util import instantiate_from_config
 from load import load_state_dict_into
-from make_log_new import ImageLogger, LossCurve, StepTimer
+from make_log_new import (ImageLogger, LossCurve, RunProgress, StepTimer, ValidationSampler, VectorsMustMove,
+                          quiet_console)
 from setup import ContinuedCSVLogger, EmbeddingCheckpoint, ResumableCheckpoint, SetupCallback, StopSignals
 
 log = logging.getLogger("train_new")
@@ -34,7 +35,9 @@ Run = namedtuple("Run", "logdir model trainer")
 
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
-RUN_KEYS = ("actual_resume", "data_root", "init_word", "placeholder_string", "allow_existing_token")  # flags kept in run
+RUN_KEYS = ("actual_resume", "data_root", "init_word", "placeholder_string", "allow_existing_token",
+            "from_scratch")  # flags kept in the config's run section
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 
 
 def get_parser(default_base=()):
@@ -62,6 +65,16 @@ def get_parser(default_base=()):
                         "Weights and the learned embedding stay float32")
     p.add_argument("--grad_checkpoint", type=_bool, default=None,
                    help="gradient checkpointing of the UNet and of the LDM BERT encoder (true/false)")
+    p.add_argument("--validation_prompts", nargs="+", default=None, metavar="PROMPT",
+                   help='prompts sampled every --validation_every steps and at the end, from fixed seeds, into '
+                        'images/validation_gs-<step>.png (e.g. "a photo of a *" "a purple *")')
+    p.add_argument("--validation_every", type=int, default=None, help="steps between validation grids (default 250)")
+    p.add_argument("--logger", default=None,
+                   help="loggers beside metrics.csv, comma-separated: tensorboard, wandb, mlflow (default: the config's "
+                        "lightning.logger, else tensorboard); W&B offline: WANDB_MODE=offline")
+    p.add_argument("--from_scratch", action="store_true",
+                   help="train from random weights (pretraining); without it a run needs --actual_resume or "
+                        "weights named in the config")
     p.add_argument("--trust_configs", action="store_true",
                    help="with -r: build what the run folder's saved configs name even outside this framework's "
                         "modules (configs are code: only for run folders you trust)")
@@ -156,7 +169,7 @@ def build_config(opt, dotlist):
                  aliases={"main.ImageLogger": "make_log_new.ImageLogger"})
     run = config.get("run", OmegaConf.create())
     for key in RUN_KEYS:
-        value = getattr(opt, key)
+        value = getattr(opt, key) if key != "from_scratch" else (opt.from_scratch or None)
         if isinstance(value, str) and not value.strip():
             raise UsageError(f"--{key} is empty: give a value (e.g. --init_word dog --placeholder_string '*') "
                              "or leave the flag out to keep the config's")
@@ -207,6 +220,8 @@ def make_callbacks(opt, config, lightning_config, now, logdir, signals):
     checkpointing = dict(OmegaConf.select(lightning_config, "modelcheckpoint.params", default=None) or {})
     checkpointing.setdefault("every_n_train_steps", 500)
     callbacks = [
+        RunProgress(),
+        VectorsMustMove(),
         StepTimer(),
         SetupCallback(opt.resume, now, logdir, ckptdir, cfgdir, config, lightning_config),
         ResumableCheckpoint(ckptdir, signals=signals, **checkpointing),
@@ -214,7 +229,12 @@ def make_callbacks(opt, config, lightning_config, now, logdir, signals):
         LossCurve(os.path.join(logdir, "loss.png")),
         pl.callbacks.LearningRateMonitor(logging_interval="step"),
     ]
+    validation = validation_sampler(opt, lightning_config)
+    if validation is not None:
+        callbacks.append(validation)
     for name, cfg in (lightning_config.get("callbacks") or {}).items():
+        if name == "validation":  # built above, with the flags applied
+            continue
         if name == "image_logger" and cfg.target in ("main.ImageLogger", "make_log_new.ImageLogger"):
             callbacks.append(ImageLogger(**cfg.get("params", {})))
         else:
@@ -222,22 +242,64 @@ def make_callbacks(opt, config, lightning_config, now, logdir, signals):
     return callbacks
 
 
-def make_loggers(logdir, first_step):
-    """metrics.csv (continued from `first_step` when a run resumes) and, if installed, TensorBoard (its later
-    events purged likewise)."""
-    loggers = [ContinuedCSVLogger(logdir, first_step)]
+def validation_sampler(opt, lightning_config):
+    """The config's lightning.callbacks.validation with --validation_prompts / --validation_every applied, or None."""
+    node = OmegaConf.select(lightning_config, "callbacks.validation")
+    params = dict(node.get("params", {})) if node is not None else {}
+    if opt.validation_prompts:
+        params["prompts"] = list(opt.validation_prompts)
+    if opt.validation_every is not None:
+        params["every_n_steps"] = opt.validation_every
+    if not params.get("prompts"):
+        if opt.validation_every is not None:
+            raise UsageError("--validation_every needs prompts: add --validation_prompts \"a photo of a *\" ...")
+        return None
+    return ValidationSampler(**params)
+
+
+def make_loggers(names, logdir, first_step):
+    """metrics.csv (always; continued from `first_step` when a run resumes) and the other loggers `names`
+    (comma-separated), each resuming from `first_step` where it can."""
+    names = [n.strip() for n in str(names).split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise UsageError(f"unknown logger '{unknown[0]}': use a comma-separated list of {', '.join(LOGGERS)}")
+    loggers, run_name = [ContinuedCSVLogger(logdir, first_step)], os.path.basename(logdir)
     try:
-        from pytorch_lightning.loggers import TensorBoardLogger
-        loggers.append(TensorBoardLogger(save_dir=logdir, name="tensorboard", version="",
-                                         purge_step=first_step or None))
-    except ModuleNotFoundError:
-        log.info("tensorboard not installed: scalars go to metrics.csv only")
+        if "tensorboard" in names:
+            from pytorch_lightning.loggers import TensorBoardLogger
+            loggers.append(TensorBoardLogger(save_dir=logdir, name="tensorboard", version="",
+                                             purge_step=first_step or None))
+        if "wandb" in names:
+            from pytorch_lightning.loggers import WandbLogger
+            loggers.append(WandbLogger(name=run_name, save_dir=logdir, project="textual-inversion", id=run_name,
+                                       resume="allow"))
+        if "mlflow" in names:
+            from pytorch_lightning.loggers import MLFlowLogger
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath(os.path.join(logdir, "mlflow.db"))
+            loggers.append(MLFlowLogger(experiment_name="textual-inversion", run_name=run_name, tracking_uri=uri))
+    except ModuleNotFoundError as e:
+        raise UsageError(f"the logger needs the package '{e.name}': pip install {e.name} (or leave it out of "
+                         "--logger)") from e
     return loggers
 
 
+def logger_names(opt, lightning_config):
+    """--logger, else the config's lightning.logger (a list or a comma-separated string), else tensorboard."""
+    if opt.logger is not None:
+        return opt.logger
+    configured = lightning_config.get("logger")
+    if configured is None:
+        return "tensorboard"
+    return ",".join(configured) if OmegaConf.is_list(configured) else str(configured)
+
+
 def build_model(config, opt):
-    model = instantiate_from_config(config.model)
     ckpt = config.run.get("actual_resume")
+    if not ckpt and not config.run.get("from_scratch") and not names_weights(config.model):
+        raise UsageError("no pretrained weights: give the model with --actual_resume MODEL.ckpt (or .safetensors), or "
+                         "pass --from_scratch to train from random weights")
+    model = instantiate_from_config(config.model)
     if ckpt:
         if not os.path.isfile(ckpt):
             raise UsageError(f"--actual_resume {ckpt} not found (give the pretrained model checkpoint)")
@@ -245,6 +307,13 @@ def build_model(config, opt):
     if opt.embedding_manager_ckpt:
         model.embedding_manager.load(opt.embedding_manager_ckpt)
     return model
+
+
+def names_weights(node):
+    """Whether a config node names a checkpoint anywhere inside it (a `ckpt_path` of the model or of a part)."""
+    if OmegaConf.is_dict(node):
+        return bool(node.get("ckpt_path")) or any(names_weights(v) for v in node.values())
+    return OmegaConf.is_list(node) and any(names_weights(v) for v in node)
 
 
 def set_learning_rate(model, config, trainer_cfg, n_devices, opt):
@@ -277,6 +346,11 @@ def run(opt, dotlist, signals=None):
     trainer_cfg.setdefault("log_every_n_steps", 10)
     trainer_cfg.setdefault("use_distributed_sampler", False)  # the training stream gives each rank its share
     trainer_cfg.setdefault("enable_checkpointing", False)  # ResumableCheckpoint writes last.ckpt
+    trainer_cfg.setdefault("enable_progress_bar", False)  # RunProgress shows the whole run
+    clashing = [k for k in ("logger", "callbacks", "default_root_dir", "num_nodes") if k in trainer_cfg]
+    if clashing:
+        raise UsageError(f"lightning.trainer.{clashing[0]} is set by train_new.py: use --logger / lightning.logger, "
+                         "lightning.callbacks, -l and --num_nodes instead")
     model = build_model(config, opt)
     set_learning_rate(model, config, trainer_cfg, n_devices, opt)
 
@@ -284,7 +358,7 @@ def run(opt, dotlist, signals=None):
         data_name = os.path.basename(os.path.normpath(config.run.data_root)) if config.run.get("data_root") else ""
         logdir = claim_run_folder(opt.logdir, f"{data_name}{now}", opt.name)
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, num_nodes=opt.num_nodes, default_root_dir=logdir,
-                         logger=make_loggers(logdir, first_step),
+                         logger=make_loggers(logger_names(opt, lightning_config), logdir, first_step),
                          callbacks=make_callbacks(opt, config, lightning_config, now, logdir, signals), **trainer_cfg)
     if opt.train:
         trainer.fit(model, data, ckpt_path=ckpt, weights_only=True)
@@ -299,6 +373,7 @@ def main(argv=None, default_base=(), overlays=()):
     Exit status: 0 for a finished run, 2 for a user's error (one `error:` line), 128 + the signal's number for a
     run stopped by SIGINT or SIGTERM (its state saved, resumable with -r)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_console()
     opt, dotlist = get_parser(default_base).parse_known_args(argv)
     opt.base = list(opt.base) + [o for o in overlays if o not in opt.base]
     bad = [a for a in dotlist if "=" not in a]

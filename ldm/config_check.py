@@ -51,7 +51,7 @@ __all__ = ["load_config_file", "overrides_config", "check_config", "untrusted_ta
 
 COMMAND_LINE = "the command line"
 SECTIONS = ("model", "data", "lightning", "run")
-LIGHTNING_SECTIONS = ("trainer", "callbacks", "modelcheckpoint")
+LIGHTNING_SECTIONS = ("trainer", "callbacks", "modelcheckpoint", "logger")
 # Keys a target node may hold besides target and params, by the node's path; their expected types.
 NODE_EXTRAS = {("model",): {"base_learning_rate": {"int", "float"}}}
 # Keys whose string value the framework imports as a dotted name (get_obj_from_str): targets, and the caption

@@ -93,6 +93,11 @@ class ARTextToImage(TextConditionedModel):
 
     # ---- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
+    def sample(self, captions, steps=None, scale=3.0, generator=None):
+        """captions: list of B str -> images (B, 3, H, W) in [-1, 1] (steps: unused, codes are drawn one by one)."""
+        return self.sample_images(captions, scale=scale, generator=generator)
+
+    @torch.no_grad()
     def sample_images(self, captions, scale=3.0, temperature=1.0, top_k=0, top_p=1.0, generator=None,
                       callback=None):
         """captions: list of B str -> images (B, 3, H, W) in [-1, 1]; callback(i) after each of sampling_steps."""

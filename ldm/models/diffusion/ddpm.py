@@ -177,6 +177,15 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
 
     # ---- image logs -----------------------------------------------------------------------------
     @torch.no_grad()
+    def sample(self, captions, steps=50, scale=5.0, generator=None):
+        """captions: list of B str -> images (B, 3, H, W) in [-1, 1] at the model's size (DDIM, eta 0)."""
+        from ldm.models.diffusion.sampling import sample_latents
+
+        shape = (len(captions), self.channels, self.image_size, self.image_size)
+        z = sample_latents(self, captions, shape, steps=steps, scale=scale, generator=generator)
+        return self.decode_first_stage(z).clamp(-1, 1)
+
+    @torch.no_grad()
     def log_images(self, batch, N=8, ddim_steps=50, ddim_eta=0.0, guidance_scale=5.0, **kwargs):
         """-> dict of (N, 3, H, W) images in [-1, 1]: inputs, reconstruction, samples, samples_scaled."""
         from ldm.models.diffusion.sampling import sample_latents
