@@ -5,11 +5,14 @@
 
 Inputs may be in any supported format. Two files with the same placeholder clash: `--rename OLD=NEW`
 renames OLD in the next file that clashes (give it once per clash, in file order); without it the
-merge stops with one line naming both files. Nothing is written unless the whole merge succeeds.
+merge stops with one line naming both files. Nothing is written unless the whole merge succeeds; the
+output is never one of the inputs, and an existing output file is replaced only with --overwrite.
+A mistake is one `error:` line and exit status 2 (--debug: the full traceback).
 """
 import argparse
 import sys
 
+from ldm.cli import run_command
 from ldm.modules.embedding_formats import Embeddings, read_embeddings, write_embeddings
 
 
@@ -19,6 +22,8 @@ def parse_args(argv=None):
     parser.add_argument("--output_path", required=True, help="merged file (.pt or .safetensors)")
     parser.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
                         help="rename a clashing placeholder of a later file (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output_path if it exists")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
     return parser.parse_args(argv)
 
 
@@ -84,14 +89,17 @@ def _take_rename(pending, placeholder, first, path):
                      f"--rename '{placeholder}=NEW'")
 
 
+def merge_to_file(args):
+    """Merge the files of the command line and write the result -> the merged Embeddings."""
+    merged = merge(args.manager_ckpts, parse_renames(args.rename))
+    write_embeddings(merged, args.output_path, "original", inputs=args.manager_ckpts, overwrite=args.overwrite)
+    return merged
+
+
 def main(argv=None):
+    """-> 0; a user's mistake exits with status 2 after one `error:` line."""
     args = parse_args(argv)
-    try:
-        merged = merge(args.manager_ckpts, parse_renames(args.rename))
-        write_embeddings(merged, args.output_path, "original")
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    merged = run_command(lambda: merge_to_file(args), debug=args.debug)
     print(f"{args.output_path}: {', '.join(f'{s!r} {tuple(v.shape)}' for s, v in merged.vectors.items())}")
     return 0
 

@@ -8,7 +8,9 @@ Formats: original (this framework and the reference), diffusers (a folder with l
 token_identifier.txt and type_of_concept.txt, or a bare .safetensors/.bin file), a1111 (.pt or
 .safetensors), kohya (.safetensors or .pt). --name sets the placeholder: needed where the source has
 none (kohya: otherwise its file name) and useful where the target's tool needs a new word (diffusers
-refuses a token already in its vocabulary, such as '*').
+refuses a token already in its vocabulary, such as '*'). The destination is never the source (nor the
+concept folder holding it); an existing destination file is replaced only with --overwrite. A mistake is one
+`error:` line and exit status 2 (--debug: the full traceback).
 """
 import argparse
 import os
@@ -16,6 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a fresh clone
 
+from ldm.cli import run_command  # noqa: E402
 from ldm.modules.embedding_formats import FORMATS, read_embeddings, write_embeddings  # noqa: E402
 
 
@@ -26,11 +29,15 @@ def parse_args(argv=None):
     parser.add_argument("--to", required=True, choices=FORMATS, help="output format")
     parser.add_argument("--name", help="placeholder string of the single placeholder (default: the source's)")
     parser.add_argument("--type_of_concept", help="diffusers type_of_concept.txt: object or style")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing destination files")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
     return parser.parse_args(argv)
 
 
-def convert(src, dst, fmt, name=None, type_of_concept=None):
-    """Read `src`, rename its one placeholder to `name` if given, write `dst` as `fmt` -> the Embeddings written."""
+def convert(src, dst, fmt, name=None, type_of_concept=None, overwrite=False):
+    """Read `src`, rename its one placeholder to `name` if given, write `dst` as `fmt` -> the Embeddings written.
+
+    `dst` is never `src`; existing destination files are replaced only with `overwrite`."""
     emb = read_embeddings(src, name)
     if name is not None and name not in emb.vectors:
         if len(emb.vectors) != 1:
@@ -39,17 +46,15 @@ def convert(src, dst, fmt, name=None, type_of_concept=None):
         emb = emb.renamed(next(iter(emb.vectors)), name)
     if type_of_concept is not None:
         emb.fields["type_of_concept"] = type_of_concept
-    write_embeddings(emb, dst, fmt)
+    write_embeddings(emb, dst, fmt, inputs=[src], overwrite=overwrite)
     return emb
 
 
 def main(argv=None):
+    """-> 0; a user's mistake exits with status 2 after one `error:` line."""
     args = parse_args(argv)
-    try:
-        emb = convert(args.src, args.dst, args.to, args.name, args.type_of_concept)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    emb = run_command(lambda: convert(args.src, args.dst, args.to, args.name, args.type_of_concept, args.overwrite),
+                      debug=args.debug)
     shapes = ", ".join(f"'{s}' {tuple(v.shape)}" for s, v in emb.vectors.items())
     print(f"{args.src} ({emb.format}) -> {args.dst} ({args.to}): {shapes}")
     return 0

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ldm.data.personalized import PER_IMAGE_TOKENS
-from ldm.modules.embedding_formats import Embeddings, read_embeddings, write_embeddings
+from ldm.modules.embedding_formats import EmbeddingFileError, Embeddings, band_edges, read_embeddings, write_embeddings
 from ldm.modules.encoders.state_cache import StateCache
 from ldm.modules.placeholder_positions import expand_occurrences, write_vectors
 from ldm.modules.placeholders import INIT_MODES, INJECTIONS, PlaceholderVocabulary
@@ -40,12 +40,14 @@ def _choice(name, value, allowed):
     return value
 
 
-def _band_edges(edges):
-    """Timestep band edges as a strictly increasing tuple of positive ints (None or []: one band)."""
-    edges = tuple(int(e) for e in (edges or ()))
-    if any(e <= 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
-        raise ValueError(f"timestep_bands={list(edges)} must be increasing positive timesteps, e.g. [400]")
-    return edges
+def _claim(owners, placeholder, ids):
+    """Record `placeholder` as the owner of its token ids in `owners` ({id: placeholder}, filled in place); an id
+    another placeholder (or the same string given twice) owns is an error. One dict lookup per id."""
+    for token in dict.fromkeys(ids):
+        if token in owners:
+            raise ValueError(f"placeholders '{owners[token]}' and '{placeholder}' are the same token {token}: "
+                             "give each placeholder its own token")
+        owners[token] = placeholder
 
 
 class EmbeddingManager(nn.Module):
@@ -78,17 +80,17 @@ class EmbeddingManager(nn.Module):
         self.allow_existing_token = bool(allow_existing_token)
         self.progressive_words = progressive_words
         self.progressive_counter = 0
-        self.timestep_bands = _band_edges(timestep_bands)
+        self.timestep_bands = band_edges(timestep_bands)
         self.band = 0  # which band's vectors `_write` uses (int or (B,) int64); the diffusion model sets it
         self.string_to_token_dict = {}  # placeholder -> () int64, its (first) token id
         self.placeholder_ids = {}  # placeholder -> one token id per vector
         self.context_ids = {}  # placeholder -> the in-table id the encoder looks up at its positions
         self.string_to_param_dict = nn.ParameterDict()
         self.initial_embeddings = nn.ParameterDict()  # not optimised; the target of embedding_to_coarse_loss
-        initializers = _as_list(initializer_words)
+        initializers, owners = _as_list(initializer_words), {}
         for i, placeholder in enumerate(placeholders):
             init_word = initializers[i] if i < len(initializers) else None
-            self._add_placeholder(placeholder, init_word, int(num_vectors_per_token))
+            _claim(owners, placeholder, self._add_placeholder(placeholder, init_word, int(num_vectors_per_token)))
 
     @property
     def backprop_through_encoder(self):
@@ -100,6 +102,7 @@ class EmbeddingManager(nn.Module):
         return self.vocab.token_ids(placeholder, num_vectors, allow)
 
     def _add_placeholder(self, placeholder, init_word, num_vectors):
+        """Register `placeholder` with `num_vectors` vectors started from `init_word` -> its token ids."""
         if init_word is not None and self.init_mode in ("random", "zero"):
             raise ValueError(f"init_mode '{self.init_mode}' starts '{placeholder}' without an initializer word, but "
                              f"'{init_word}' is given: drop initializer_words (--init_word) or use init_mode mean")
@@ -110,12 +113,9 @@ class EmbeddingManager(nn.Module):
         if init_word is not None:
             self.initial_embeddings[placeholder] = nn.Parameter(vectors.clone(), requires_grad=False)
         self._register(placeholder, ids, vectors, self.vocab.context_id(placeholder, ids, pieces))
+        return ids
 
     def _register(self, placeholder, ids, vectors, context_id):
-        taken = [s for s, other in self.placeholder_ids.items() if set(other) & set(ids)]
-        if taken:
-            raise ValueError(f"placeholders '{taken[0]}' and '{placeholder}' are the same token {ids[0]}: "
-                             "give each placeholder its own token")
         self.placeholder_ids[placeholder] = ids
         self.context_ids[placeholder] = context_id
         self.string_to_token_dict[placeholder] = torch.tensor(ids[0], device="cpu")  # cpu even under a meta device
@@ -227,20 +227,22 @@ class EmbeddingManager(nn.Module):
         """Replace the placeholders and vectors with those of an embedding file in any supported format.
 
         The vector count comes from the file; `name` names the placeholder of files without one (kohya).
-        Build the optimizer after loading: the parameters are new objects.
+        Build the optimizer after loading: the parameters are new objects. A file this manager cannot use raises
+        EmbeddingFileError, one line naming it, before the placeholders and vectors change. The manager's own work
+        grows linearly with the file (one registration per new token, checks by dict lookups), and a placeholder
+        holds at most the tokens a prompt holds.
         """
         emb = read_embeddings(path, name)
         self._check_compatible(path, emb)
         vectors = emb.matrices()
-        bands = _band_edges(emb.fields.get("timestep_bands"))
-        uneven = [s for s, v in vectors.items() if v.shape[0] % (len(bands) + 1)]
-        if uneven:
-            raise ValueError(f"embedding file {path} has {vectors[uneven[0]].shape[0]} vectors for '{uneven[0]}', not a "
-                             f"multiple of its {len(bands) + 1} timestep bands: the file is damaged; save it again")
-        ids = {s: self._token_ids(s, v.shape[0] // (len(bands) + 1)) for s, v in vectors.items()}
+        bands = band_edges(emb.fields.get("timestep_bands"))
+        counts = {s: v.shape[0] // (len(bands) + 1) for s, v in vectors.items()}  # the reader checked they divide
+        self._check_capacity(path, counts)
+        ids = self._file_token_ids(path, counts)
         for placeholder, recorded in emb.tokens.items():
             self._check_recorded_token(path, placeholder, recorded, ids[placeholder])
         contexts = emb.fields.get("context_token", {})
+        self._check_contexts(path, contexts)
         previous = {s: self.context_ids.get(s) for s in vectors}
         initial_rows = {s: p[0] for s, p in self.initial_embeddings.items()}
         reference = self.embedding_parameters()[0]
@@ -256,19 +258,56 @@ class EmbeddingManager(nn.Module):
             {s: nn.Parameter(initial_rows[s].expand_as(v).clone(), requires_grad=False)
              for s, v in self.string_to_param_dict.items() if s in initial_rows})
 
+    def _check_capacity(self, path, counts):
+        """counts: {placeholder: vectors per band}; none may exceed the tokens a prompt holds (checked before any
+        token is registered: an absurd count would register that many tokens)."""
+        capacity = self._context_capacity()
+        for placeholder, count in counts.items():
+            if count > capacity:
+                raise EmbeddingFileError(
+                    f"embedding file {path} has {count} vectors for '{placeholder}' but a prompt of this text encoder "
+                    f"({self.vocab.encoder_name}) holds {capacity} tokens besides its start and end tokens: a "
+                    "placeholder cannot have more vectors than that; the file is damaged or made for another model")
+
+    def _context_capacity(self):
+        """Tokens a prompt holds: the tokenizer's max_length less the start/end tokens it adds."""
+        tokenizer = self.vocab.encoder.tokenizer
+        return tokenizer.max_length - tokenizer.tokenizer.num_special_tokens_to_add()
+
+    def _file_token_ids(self, path, counts):
+        """{placeholder: token ids} for a file's placeholders (counts: vectors per band), or one line naming the file
+        (a vocabulary word without allow_existing_token, two placeholders on one token)."""
+        ids, owners = {}, {}
+        try:
+            for placeholder, count in counts.items():
+                ids[placeholder] = self._token_ids(placeholder, count)
+                _claim(owners, placeholder, ids[placeholder])
+        except ValueError as e:
+            raise EmbeddingFileError(f"embedding file {path}: {e}") from e
+        return ids
+
+    def _check_contexts(self, path, contexts):
+        """Recorded context ids ({placeholder: id}) must be rows of this encoder's token-embedding table."""
+        for placeholder, context in contexts.items():
+            if context >= self.vocab.num_rows:
+                raise EmbeddingFileError(
+                    f"embedding file {path} looks up token {context} for '{placeholder}' but this text encoder "
+                    f"({self.vocab.encoder_name}) has {self.vocab.num_rows} tokens: it was made for another model")
+
     def _check_compatible(self, path, emb):
         width = next(iter(emb.vectors.values())).shape[-1]
         if width != self.token_dim:
-            raise ValueError(f"embedding file {path} has vectors of width {width} but this model's text encoder uses "
-                             f"{self.token_dim} ({self.vocab.encoder_name}): it was trained for another model")
+            raise EmbeddingFileError(f"embedding file {path} has vectors of width {width} but this model's text "
+                                     f"encoder uses {self.token_dim} ({self.vocab.encoder_name}): it was trained for "
+                                     "another model")
         if emb.injection != self.injection:
-            raise ValueError(f"embedding file {path} holds vectors for injection '{emb.injection}' but this manager "
-                             f"injects at the '{self.injection}': set injection: {emb.injection} in the "
-                             "personalization config")
+            raise EmbeddingFileError(f"embedding file {path} holds vectors for injection '{emb.injection}' but this "
+                                     f"manager injects at the '{self.injection}': set injection: {emb.injection} in "
+                                     "the personalization config")
 
     def _check_recorded_token(self, path, placeholder, recorded, ids):
         """A vocabulary-token placeholder must have the id the file's tokenizer gave it (-1: not recorded)."""
         if recorded >= 0 and self.vocab.vocabulary_token(placeholder) is not None and recorded != ids[0]:
-            raise ValueError(f"embedding file {path} maps placeholder '{placeholder}' to token {recorded} but this "
-                             f"text encoder's tokenizer ({self.vocab.encoder_name}) gives {ids[0]}: it was trained "
-                             "with another tokenizer")
+            raise EmbeddingFileError(f"embedding file {path} maps placeholder '{placeholder}' to token {recorded} but "
+                                     f"this text encoder's tokenizer ({self.vocab.encoder_name}) gives {ids[0]}: it "
+                                     "was trained with another tokenizer")
