@@ -276,8 +276,11 @@ def make_loggers(names, logdir, first_step):
                                        resume="allow"))
         if "mlflow" in names:
             from pytorch_lightning.loggers import MLFlowLogger
-            uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath(os.path.join(logdir, "mlflow.db"))
-            loggers.append(MLFlowLogger(experiment_name="textual-inversion", run_name=run_name, tracking_uri=uri))
+            uri = os.environ.get("MLFLOW_TRACKING_URI")  # a user's server, else a database in the run folder
+            local = None if uri else os.path.abspath(logdir)
+            loggers.append(MLFlowLogger(experiment_name="textual-inversion", run_name=run_name,
+                                        tracking_uri=uri or f"sqlite:///{local}/mlflow.db",
+                                        artifact_location=local and f"file:{local}/mlflow-artifacts"))
     except ModuleNotFoundError as e:
         raise UsageError(f"the logger needs the package '{e.name}': pip install {e.name} (or leave it out of "
                          "--logger)") from e
