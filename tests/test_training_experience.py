@@ -58,7 +58,7 @@ def test_log_file_console_validation_grids_and_loggers(images, ckpt, tmp_path):
         runs = db.execute("select name from runs").fetchall()
         steps = db.execute("select count(*) from metrics where key = 'train/loss'").fetchone()[0]
     assert runs == [(os.path.basename(folder),)] and steps > 0
-    assert len(glob.glob(os.path.join(folder, "mlflow-artifacts", "*", "*", "artifacts", "validation_*.png"))) == 2
+    assert len(glob.glob(os.path.join(folder, "mlflow-artifacts", "**", "validation_*.png"), recursive=True)) == 2
     assert os.path.isfile(os.path.join(folder, "metrics.csv")) and os.path.isfile(os.path.join(folder, "loss.png"))
 
 
