@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from ldm.cli import UsageError, run_command
+from ldm.cli import ArgumentParser, UsageError, run_command
 from ldm.config_check import COMMAND_LINE, check_config, load_config_file, overrides_config, untrusted_targets
 from ldm.util import instantiate_from_config
 from load import load_state_dict_into
@@ -41,7 +41,7 @@ LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 
 
 def get_parser(default_base=()):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("-b", "--base", nargs="*", default=list(default_base), metavar="config.yaml",
                    help="configs, merged left to right; key=value arguments override them")
     p.add_argument("-t", "--train", action="store_true", help="train (without it: only build and check)")
@@ -83,7 +83,11 @@ def get_parser(default_base=()):
 
 
 def _bool(v):
-    return str(v).lower() in ("1", "true", "yes", "y", "t")
+    """true/false (also yes/no, 1/0); anything else is refused, never read as false."""
+    value = str(v).lower()
+    if value not in ("1", "true", "yes", "y", "t", "0", "false", "no", "n", "f"):
+        raise argparse.ArgumentTypeError(f"'{v}' is not true or false")
+    return value in ("1", "true", "yes", "y", "t")
 
 
 def resolve_resume(opt):

@@ -1,5 +1,6 @@
 """What every command does with a mistake a user can fix: one `error:` line naming the problem and the fix,
 exit status 2, no traceback (unless --debug). A genuine bug still shows its traceback."""
+import argparse
 import errno
 import os
 import shutil
@@ -8,6 +9,23 @@ import sys
 
 class UsageError(ValueError):
     """A problem with the command line, a config or an input file, said in one line with its fix."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose mistakes are one `error:` line (with a pointer to --help) instead of the usage text
+    and a line prefixed by the program's name; the help shows each option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
 
 
 # What a user's input can raise on its way in: the readers raise these with a message that names the file.
