@@ -245,6 +245,11 @@ class _Checker:
                 self.unknown(sub, LIGHTNING_SECTIONS, "not a lightning section")
             if value is None or _skipped(value):
                 continue
+            if key == "logger":  # names of loggers: "tensorboard,wandb" or [tensorboard, wandb]
+                names = value if isinstance(value, list) else [value]
+                if not all(isinstance(n, str) for n in names):
+                    self.fail(sub, f"expected logger names, got {_show(value)}", "e.g. logger: [tensorboard, wandb]")
+                continue
             self.expect_mapping(sub, value)
             if key == "trainer":
                 import pytorch_lightning as pl
