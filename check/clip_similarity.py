@@ -14,6 +14,15 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def clip_pixels(images, size):
+    """images: list of (H, W, 3) uint8 (square) -> (N, 3, size, size) float32, resized bicubically and normalised
+    as CLIP's image encoders expect."""
+    x = torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float() / 255.0
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 class ClipImageSimilarity:
     """score(samples, references) -> mean cosine over all (sample, reference) pairs, in [-1, 1];
     against(references) -> score(samples), the references embedded once."""
@@ -29,10 +38,7 @@ class ClipImageSimilarity:
 
     def preprocess(self, images):
         """images: list of (H, W, 3) uint8 (square) -> (N, 3, size, size) normalised pixels."""
-        x = torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float() / 255.0
-        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
-        mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return clip_pixels(images, self.size)
 
     @torch.no_grad()
     def embed(self, images):
