@@ -93,7 +93,6 @@ def train_tiny(ckpt):
     import train_new
 
     def train(images, logdir, *extra, overlays=()):
-        os.environ.pop("LDM_RUN_STAMP", None)
         return train_new.main(["--base", "configs/tiny/txt2img-tiny-finetune.yaml", "-t", "--actual_resume", ckpt,
                                "-n", "tiny", "--data_root", images, "--init_word", "dog",
                                "--placeholder_string", "*", "-l", str(logdir), *extra], overlays=overlays)

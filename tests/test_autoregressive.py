@@ -62,7 +62,6 @@ def test_ti_on_the_ar_model_trains_only_the_vectors(ar_setup, tmp_path, injectio
     from load import read_state_dict
 
     config, ckpt = ar_setup
-    os.environ.pop("LDM_RUN_STAMP", None)
     run = train_new.main(["--base", config, "configs/ar-shapes/finetune.yaml", "-t", "--actual_resume", ckpt,
                           "-n", "ar", "--data_root", "dataset/striped_triangle", "--init_word", "triangle",
                           "--placeholder_string", "*", "-l", str(tmp_path), "lightning.trainer.max_steps=3",

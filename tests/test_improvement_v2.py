@@ -108,7 +108,6 @@ def test_ti_through_v2_trains_only_the_vector(tmp_path):
     import train_new
     from train_new_v1 import TINY
 
-    os.environ.pop("LDM_RUN_STAMP", None)
     run = train_new.main(["-t", "--actual_resume", f"{MODEL}/model.safetensors", "-n", "v2", "--data_root",
                           "dataset/solid_square", "--init_word", "square", "--placeholder_string", "*",
                           "-l", str(tmp_path), "lightning.trainer.max_steps=2", "data.params.batch_size=2"],

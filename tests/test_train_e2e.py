@@ -32,7 +32,6 @@ def train_args(images, ckpt, logdir, *extra):
 
 @pytest.fixture(scope="module")
 def trained(images, ckpt, tmp_path_factory):
-    os.environ.pop("LDM_RUN_STAMP", None)
     return train_new.main(train_args(images, ckpt, tmp_path_factory.mktemp("logs")))
 
 
