@@ -6,20 +6,25 @@
 
 An autoregressive config (ldm.models.autoregressive.ar.ARTextToImage, e.g. models/ar/tiny-shapes/config.yaml)
 samples codes instead: --top_k, --top_p and --temperature apply, the diffusion sampler options do not.
+
+Samples go to <outdir>/samples/NNNNN.png and each prompt's grid to <outdir>/<prompt>-NNNNN.png, numbered on from
+the largest number there: a file already in --outdir is never written over, and several runs may share one.
 """
-import argparse
+import functools
 import logging
 import os
 import re
-import sys
 
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from tqdm import tqdm
 
+from ldm.cli import ArgumentParser, UsageError, run_command
 from ldm.models.diffusion.sampling import SAMPLERS, SPACINGS, sample_latents
-from load import load_model_from_config, read_state_dict
-from make_log_new import make_grid, save_png
+from ldm.modules.diffusionmodules.openaimodel import Downsample
+from ldm.util import require_finite, require_positive, write_numbered
+from load import checkpoint_format, load_model_from_config, read_config, read_state_dict
 
 log = logging.getLogger("txt2img")
 
@@ -29,7 +34,7 @@ DEFAULT_MANAGER = {"target": "ldm.modules.embedding_manager.EmbeddingManager",
 
 def get_parser(default_config="configs/latent-diffusion/txt2img-1p4B-eval.yaml",
                default_ckpt="models/ldm/text2img-large/model.ckpt"):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--prompt", default="a painting of a virus monster playing guitar")
     p.add_argument("--from-file", dest="from_file", default=None, help="one prompt per line")
     p.add_argument("--outdir", default="outputs/txt2img-samples")
@@ -56,21 +61,76 @@ def get_parser(default_config="configs/latent-diffusion/txt2img-1p4B-eval.yaml",
                    help="trained conditioner modules (default: modules.safetensors beside --embedding_path, if any)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
 
 
+def check_options(opt):
+    """Refuse, before any model is loaded, flag values that would fail inside the sampler or make wrong images."""
+    require_finite(scale=opt.scale, ddim_eta=opt.ddim_eta, top_p=opt.top_p, temperature=opt.temperature)
+    require_positive(n_samples=opt.n_samples, n_iter=opt.n_iter, ddim_steps=opt.ddim_steps, H=opt.H, W=opt.W,
+                     temperature=opt.temperature)
+    if opt.top_k < 0:
+        raise UsageError(f"--top_k {opt.top_k} is negative: give how many likeliest codes to keep, or 0 for all")
+    if not 0 < opt.top_p <= 1:
+        raise UsageError(f"--top_p {opt.top_p} is outside (0, 1]: give the probability mass to keep (1 keeps all)")
+    check_device(opt.device)
+
+
+def check_device(name):
+    """Refuse a --device torch does not know, or CUDA where there is none."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name} is not a device: use cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
+
+
+def check_size(model, opt):
+    """Refuse --H or --W that the model cannot sample at (autoregressive models sample at their own size)."""
+    if hasattr(model, "sample_images"):
+        return
+    factor = size_factor(model)
+    for flag in ("H", "W"):
+        size = getattr(opt, flag)
+        if size % factor:
+            below = size // factor * factor
+            nearest = f"{below} or {below + factor}" if below else str(factor)
+            raise UsageError(f"--{flag} {size} is not a multiple of {factor}, this model's downsampling factor: "
+                             f"use {nearest}")
+
+
+def first_stage_factor(model):
+    """Pixels per latent along a side: the first stage halves the image at each level but its last."""
+    return 2 ** (len(model.first_stage_model.encoder.down) - 1)
+
+
+def size_factor(model):
+    """What image sizes must be multiples of: the first stage's factor times 2 for each time the UNet halves the
+    latents (an odd size there would not come back to the size of its skip connection)."""
+    halvings = sum(isinstance(m, Downsample) for m in model.model.diffusion_model.modules())
+    return first_stage_factor(model) * 2 ** halvings
+
+
+def check_inputs(opt):
+    """Refuse a missing embedding, and a checkpoint that is missing or no checkpoint (a folder, an empty or foreign
+    file), before the model is built."""
+    if not os.path.exists(opt.ckpt_path):
+        raise FileNotFoundError(f"--ckpt_path {opt.ckpt_path} not found")
+    checkpoint_format(opt.ckpt_path)
+    if opt.embedding_path and not os.path.isfile(opt.embedding_path):
+        raise FileNotFoundError(f"--embedding_path {opt.embedding_path} not found")
+
+
 def load_model(opt):
-    for path, what in [*((c, "--config") for c in opt.config), (opt.ckpt_path, "--ckpt_path")]:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{what} {path} not found")
-    config = OmegaConf.merge(*[OmegaConf.load(c) for c in opt.config])
+    config = OmegaConf.merge(*map(read_config, opt.config))
+    check_inputs(opt)
     params = config.model.params
     if opt.embedding_path and params.get("personalization_config") is None:
         params.personalization_config = DEFAULT_MANAGER
     model = load_model_from_config(config, opt.ckpt_path)
     if opt.embedding_path:
-        if not os.path.isfile(opt.embedding_path):
-            raise FileNotFoundError(f"--embedding_path {opt.embedding_path} not found")
         model.embedding_manager.load(opt.embedding_path)
     modules = opt.modules_path or modules_beside(opt.embedding_path)
     if modules:
@@ -105,10 +165,19 @@ def load_modules(model, path):
 
 
 def read_prompts(opt):
-    if opt.from_file:
-        with open(opt.from_file) as f:
-            return [line.strip() for line in f if line.strip()]
-    return [opt.prompt]
+    """--prompt, or the lines of --from-file (UTF-8, blank lines skipped; a file without a prompt is refused)."""
+    if not opt.from_file:
+        return [opt.prompt]
+    if not os.path.isfile(opt.from_file):
+        raise FileNotFoundError(f"--from-file {opt.from_file} not found: give a text file with one prompt per line")
+    try:
+        with open(opt.from_file, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--from-file {opt.from_file} is not UTF-8 text (byte {e.start}): save it as UTF-8") from e
+    if not prompts:
+        raise UsageError(f"--from-file {opt.from_file} holds no prompt: write one prompt per line")
+    return prompts
 
 
 def warn_missing_placeholder(model, prompt):
@@ -122,7 +191,7 @@ def warn_missing_placeholder(model, prompt):
 
 
 def latent_shape(model, opt):
-    f = 2 ** (len(model.first_stage_model.encoder.down) - 1)
+    f = first_stage_factor(model)
     return (opt.n_samples, model.channels, opt.H // f, opt.W // f)
 
 
@@ -150,35 +219,53 @@ def to_uint8(x):
 
 
 def slug(prompt):
-    return re.sub(r"[^\w\-<>*]+", "-", prompt.strip()).strip("-").replace("*", "star")[:120] or "prompt"
+    """A prompt as a file name that every OS accepts: word characters and '-' only ('*' -> 'star'), at most 120
+    bytes of UTF-8."""
+    name = re.sub(r"[^\w\-*]+", "-", prompt.strip()).strip("-").replace("*", "star")
+    return name.encode()[:120].decode(errors="ignore").strip("-") or "prompt"
 
 
+def write_png(folder, image, prefix=""):
+    """uint8 (H, W, 3) -> a new file folder/<prefix>NNNNN.png (never one that exists) -> its path."""
+    return write_numbered(folder, lambda path: Image.fromarray(image).save(path, format="PNG"), prefix=prefix,
+                          suffix=".png")
+
+
+def write_grid(images, opt, prompt):
+    """The prompt's samples, (N, 3, H, W) in [-1, 1], n_samples a row -> a new <outdir>/<prompt>-NNNNN.png."""
+    from make_log_new import make_grid  # it loads pytorch_lightning (seconds): not before the flags are checked
+
+    grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=opt.n_samples)
+    return write_png(opt.outdir, grid, prefix=f"{slug(prompt)}-")
+
+
+def sample_prompt(model, prompt, opt, generator, sample_dir):
+    """n_iter batches of `prompt`: each sample and the prompt's grid written under new names -> the sample paths."""
+    warn_missing_placeholder(model, prompt)
+    images, written = [], []
+    bar = tqdm(total=opt.n_iter * steps_per_batch(model, opt), desc=prompt[:40], unit="step")
+    for _ in range(opt.n_iter):
+        x = sample_batch(model, [prompt] * opt.n_samples, opt, generator, callback=lambda *a: bar.update(1))
+        images.append(x)
+        written += [write_png(sample_dir, img) for img in to_uint8(x)]
+    bar.close()
+    grid_path = write_grid(torch.cat(images), opt, prompt)
+    log.info("wrote %d samples to %s and the grid %s", len(written), sample_dir, grid_path)
+    return written
+
+
+@torch.no_grad()
 def run(opt):
+    """Sample every prompt of `opt` -> the paths of the samples written."""
+    check_options(opt)
+    prompts = read_prompts(opt)
+    sample_dir = os.path.join(opt.outdir, "samples")
+    os.makedirs(sample_dir, exist_ok=True)  # an --outdir that cannot be written fails before the model loads
     torch.manual_seed(opt.seed)
     model = load_model(opt)
-    sample_dir = os.path.join(opt.outdir, "samples")
-    os.makedirs(sample_dir, exist_ok=True)
-    count = len(os.listdir(sample_dir))
+    check_size(model, opt)
     generator = torch.Generator(opt.device).manual_seed(opt.seed)
-    written = []
-    for prompt in read_prompts(opt):
-        warn_missing_placeholder(model, prompt)
-        images = []
-        bar = tqdm(total=opt.n_iter * steps_per_batch(model, opt), desc=prompt[:40], unit="step")
-        for _ in range(opt.n_iter):
-            x = sample_batch(model, [prompt] * opt.n_samples, opt, generator, callback=lambda *a: bar.update(1))
-            images.append(x)
-            for img in to_uint8(x):
-                path = os.path.join(sample_dir, f"{count:05}.png")
-                save_png(img, path)
-                written.append(path)
-                count += 1
-        bar.close()
-        grid = make_grid((torch.cat(images).clamp(-1, 1) + 1) / 2, nrow=opt.n_samples)
-        grid_path = os.path.join(opt.outdir, f"{slug(prompt)}-{count:05}.png")
-        save_png(grid, grid_path)
-        log.info("wrote %d samples to %s and the grid %s", opt.n_iter * opt.n_samples, sample_dir, grid_path)
-    return written
+    return [path for prompt in prompts for path in sample_prompt(model, prompt, opt, generator, sample_dir)]
 
 
 def main(argv=None, overlays=(), **defaults):
@@ -186,12 +273,7 @@ def main(argv=None, overlays=(), **defaults):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opt = get_parser(**defaults).parse_args(argv)
     opt.config = list(opt.config) + [o for o in overlays if o not in opt.config]
-    try:
-        with torch.no_grad():
-            return run(opt)
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    return run_command(functools.partial(run, opt), opt.debug)
 
 
 if __name__ == "__main__":

@@ -11,23 +11,25 @@ evaluator, `*` prompts), the median training step time and the trainable paramet
 Pairs already in <out>/ablations.csv are reused: rerunning the command resumes it, and rows of several
 runs copied into one ablations.csv make one table.
 """
-import argparse
 import csv
 import datetime
+import functools
 import glob
 import os
 import sys
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from check.concept_eval import evaluate_concept, format_table  # noqa: E402
 from check.concept_table import (FINETUNE, MODEL_DIR, load_specs, load_ti_model, make_sampler,  # noqa: E402
                                  train_concept)
-from ldm.util import atomic_path, atomic_write_text  # noqa: E402
+from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
+from ldm.models.diffusion.sampling import SAMPLERS  # noqa: E402
+from ldm.util import atomic_path, atomic_write_text, require_finite, require_positive  # noqa: E402
+from load import read_config  # noqa: E402
 from txt2img import load_modules, modules_beside  # noqa: E402
 
 VARIANTS = "configs/ablations"
@@ -38,8 +40,8 @@ def load_variant(name):
     path = os.path.join(VARIANTS, f"{name}.yaml")
     if not os.path.isfile(path):
         known = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(f"{VARIANTS}/*.yaml"))
-        raise SystemExit(f"error: no variant '{name}' ({path}); known: {', '.join(known)}")
-    spec = OmegaConf.load(path)
+        raise UsageError(f"no variant '{name}' ({path}): use one of {', '.join(known)}")
+    spec = read_config(path)
     return list(spec.get("configs") or []), list(spec.get("overrides") or [])
 
 
@@ -47,7 +49,7 @@ def run_metrics(logdir):
     """(final loss: mean train/loss of the last 100 logged steps, median train/step_ms after 10 steps)."""
     path = os.path.join(logdir, "metrics.csv")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} is missing: the run logged no step (lower lightning.trainer.log_every_n_steps)")
+        raise UsageError(f"{path} is missing: the run logged no step (lower lightning.trainer.log_every_n_steps)")
     with open(path) as f:
         rows = list(csv.DictReader(f))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
@@ -87,13 +89,13 @@ def write_csv(rows, path):
 
 
 def ablation_rows(variants, specs, args):
-    """Train and score every (variant, concept); a pair already in <out>/ablations.csv is kept, not rerun,
-    and the file is rewritten after each new pair, so an interrupted command resumes where it stopped."""
+    """Train and score every (variant, concept); variants: {name: load_variant(name)}. A pair already in
+    <out>/ablations.csv is kept, not rerun, and the file is rewritten after each new pair, so an interrupted
+    command resumes where it stopped."""
     csv_path = os.path.join(args.out, "ablations.csv")
     done = {(r["variant"], r["concept"]): r for r in read_rows(csv_path)}
     rows = []
-    for name in variants:
-        overlays, overrides = load_variant(name)
+    for name, (overlays, overrides) in variants.items():
         for spec in specs:
             if (name, spec["name"]) in done:
                 rows.append(done[(name, spec["name"])])
@@ -151,7 +153,7 @@ def write_outputs(rows, summary, header, out):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--variants", nargs="*", default=None, help=f"names in {VARIANTS}/ (default: all)")
     p.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all in dataset/)")
     p.add_argument("--weights", default=f"{MODEL_DIR}/model.safetensors")
@@ -159,15 +161,23 @@ def main(argv=None):
     p.add_argument("--out", default="outputs/ablations")
     p.add_argument("--n", type=int, default=64, help="samples per prompt")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
-    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
     p.add_argument("--scale", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     p.add_argument("train_overrides", nargs="*", help="key=value overrides for every run")
     args = p.parse_args(argv)
-    variants = args.variants or sorted(os.path.splitext(os.path.basename(f))[0]
-                                       for f in glob.glob(f"{VARIANTS}/*.yaml"))
-    with torch.no_grad():
-        rows = ablation_rows(variants, load_specs(args.concepts), args)
+    run_command(functools.partial(run, args), args.debug)
+
+
+@torch.no_grad()
+def run(args):
+    """Check the flags and every variant file, train and score what is missing, write and print the tables."""
+    require_positive(n=args.n, steps=args.steps)
+    require_finite(scale=args.scale)
+    names = args.variants or sorted(os.path.splitext(os.path.basename(f))[0] for f in glob.glob(f"{VARIANTS}/*.yaml"))
+    variants = {name: load_variant(name) for name in names}  # a wrong name fails before any training
+    rows = ablation_rows(variants, load_specs(args.concepts), args)
     header = (f"Measured {datetime.date.today()}: n={args.n} per prompt, {args.sampler} {args.steps} steps, "
               f"guidance {args.scale}; TI settings of {FINETUNE} plus each variant.")
     print(write_outputs(rows, means_by_variant(rows), header, args.out))

@@ -8,9 +8,8 @@ For a two-band embedding (one set of vectors below the edge, one above) and each
 printed, for each way of placing the sets: as trained, the high set at every t, the low set at every t; and,
 with --edges, the sets as trained but the edge moved to each given timestep at sampling.
 """
-import argparse
 import collections
-import json
+import functools
 import os
 import sys
 
@@ -19,9 +18,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from check.concept_eval import FIDELITY_PROMPT  # noqa: E402
-from check.concept_table import load_ti_model, make_sampler  # noqa: E402
+from check.concept_table import load_specs, load_ti_model, make_sampler  # noqa: E402
+from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from ldm.data.shapes_palette import UNNAMED  # noqa: E402
 from ldm.data.shapes_readers import read_attributes  # noqa: E402
+from ldm.util import require_finite, require_positive  # noqa: E402
 
 PLACEMENTS = ("as-trained", "high-everywhere", "low-everywhere")
 
@@ -40,21 +41,29 @@ def value_counts(images):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--concept", required=True, help="a dataset/<concept>/ name (its prompts and init word)")
     p.add_argument("--embedding", required=True, help="an embedding file trained with two timestep bands")
     p.add_argument("--sets", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
     p.add_argument("--edges", nargs="*", type=int, default=[], help="sampling edges to try with the sets as trained")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--scale", type=float, default=3.0)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
+    run_command(functools.partial(probe, args), args.debug)
 
-    spec = json.load(open(os.path.join("dataset", args.concept, "concept.json")))
+
+@torch.no_grad()
+def probe(args):
+    """Print the attribute counts of every placement of the sets (and every --edges edge), prompt by prompt."""
+    require_positive(n=args.n)
+    require_finite(scale=args.scale)
+    spec = load_specs([args.concept])[0]
     model = load_ti_model()
     manager = model.embedding_manager
     manager.load(args.embedding)
     if len(manager.timestep_bands) != 1:
-        raise SystemExit(f"error: {args.embedding} has timestep bands {list(manager.timestep_bands)}; "
+        raise UsageError(f"{args.embedding} has timestep bands {list(manager.timestep_bands)}; "
                          "this probe takes a two-band embedding (one edge)")
     generate = make_sampler(model, 50, args.scale, 0)
     param = manager.string_to_param_dict["*"]
@@ -72,5 +81,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with torch.no_grad():
-        main()
+    main()

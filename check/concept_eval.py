@@ -6,16 +6,36 @@ replaces `*` by the concept's init word. Scoring a folder of samples:
 
     python -m check.concept_eval --images outputs/txt2img --spec dataset/checker_circle/concept.json
 """
-import argparse
+import functools
 import json
+import os
 
 import numpy as np
 
+from ldm.cli import ArgumentParser, UsageError, one_line, run_command
 from ldm.data.images import list_images, load_rgb
 from ldm.data.shapes_readers import read_attributes
 
 PLACEHOLDER = "*"
 FIDELITY_PROMPT = "a photo of a *"
+# What every concept.json holds (ldm.data.shapes_world writes it).
+SPEC_KEYS = ("name", "init_word", "attributes", "edits")
+
+
+def read_spec(path):
+    """A concept.json -> its dict; a missing file, invalid JSON or a missing key -> one line naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"concept spec not found: {path} (give a dataset/<concept>/concept.json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except ValueError as e:  # invalid JSON or not UTF-8
+        raise UsageError(f"concept spec {path} is not valid JSON ({one_line(e)}): fix or regenerate it") from e
+    missing = [k for k in SPEC_KEYS if not isinstance(spec, dict) or k not in spec]
+    if missing:
+        raise UsageError(f"concept spec {path} has no {', '.join(missing)}: a concept.json holds "
+                         f"{', '.join(SPEC_KEYS)} (regenerate it with ldm.data.shapes_world)")
+    return spec
 
 
 def _read_all(images):
@@ -109,17 +129,24 @@ def _find_edit(spec, prompt):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Score a folder of generated PNGs against a concept spec.")
+    parser = ArgumentParser(description="Score a folder of generated PNGs against a concept spec.")
     parser.add_argument("--images", required=True, help="folder of generated images")
     parser.add_argument("--spec", required=True, help="concept.json written by ldm.data.shapes_world")
     parser.add_argument("--edit", help="score the folder as samples of this edit prompt of the spec")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
-    with open(args.spec) as f:
-        spec = json.load(f)
+    run_command(functools.partial(score_folder, args), args.debug)
+
+
+def score_folder(args):
+    """Print the table row of the images in args.images scored against args.spec (and args.edit)."""
+    spec = read_spec(args.spec)
     edit = _find_edit(spec, args.edit)
     if args.edit and edit is None:
-        parser.error(f"--edit '{args.edit}' is not in the spec: use one of "
-                     + ", ".join(repr(e["prompt"]) for e in spec["edits"]))
+        raise UsageError(f"--edit '{args.edit}' is not in {args.spec}: use one of "
+                         + ", ".join(repr(e["prompt"]) for e in spec["edits"]))
+    if not os.path.isdir(args.images):
+        raise FileNotFoundError(f"--images {args.images} is not a folder: give the folder of generated samples")
     images = [load_rgb(p) for p in list_images(args.images)]
     row = {"concept": spec["name"], "images": len(images)}
     if edit:

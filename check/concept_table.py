@@ -19,11 +19,10 @@ autoregressive: fidelity above zero and >= 2x the baseline). Prints markdown; `-
 file. With `--korean` every prompt is translated (improvement/v2/corpus.py) and conditions the model through
 the v2 conditioner (configs/improvement/v2.yaml); the embeddings are the same English-trained files.
 """
-import argparse
 import concurrent.futures
 import datetime
+import functools
 import glob
-import json
 import multiprocessing
 import os
 import shutil
@@ -38,13 +37,15 @@ from omegaconf import OmegaConf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from check.clip_similarity import ClipImageSimilarity  # noqa: E402
-from check.concept_eval import evaluate_concept, format_table  # noqa: E402
+from check.concept_eval import evaluate_concept, format_table, read_spec  # noqa: E402
+from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from ldm.data.images import list_images, load_rgb  # noqa: E402
 from ldm.data.shapes_draw import CANVAS  # noqa: E402
 from ldm.data.shapes_palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES  # noqa: E402
 from ldm.data.shapes_readers import read_attributes  # noqa: E402
 from ldm.models.diffusion.sampling import SAMPLERS  # noqa: E402
-from load import load_model_from_config  # noqa: E402
+from ldm.util import atomic_write_text, require_finite, require_positive  # noqa: E402
+from load import load_model_from_config, read_config  # noqa: E402
 
 MODEL_DIR = "models/ldm/tiny-shapes"
 FINETUNE = "configs/tiny-shapes/finetune.yaml"
@@ -79,7 +80,7 @@ def load_ti_model(model="ldm", weights=None, overrides=(), extra_configs=()):
     model_dir, finetunes = MODELS[model]
     model_overrides = OmegaConf.from_dotlist([o for o in overrides if o.startswith("model.")])
     configs = [f"{model_dir}/config.yaml", *finetunes, *extra_configs]
-    config = OmegaConf.merge(*map(OmegaConf.load, configs), model_overrides)
+    config = OmegaConf.merge(*map(read_config, configs), model_overrides)
     return load_model_from_config(config, weights or f"{model_dir}/model.safetensors")
 
 
@@ -135,10 +136,11 @@ def scene_following(generate, n):
 
 def load_specs(names=None):
     """The concept.json of every dataset/<concept>/ (or of `names`), sorted by name."""
-    specs = [json.load(open(f)) for f in sorted(glob.glob("dataset/*/concept.json"))]
+    specs = [read_spec(f) for f in sorted(glob.glob("dataset/*/concept.json"))]
     unknown = set(names or ()) - {s["name"] for s in specs}
     if unknown:
-        raise SystemExit(f"error: no dataset/<concept>/concept.json for {', '.join(sorted(unknown))}")
+        raise UsageError(f"no dataset/<concept>/concept.json for {', '.join(sorted(unknown))}: use one of "
+                         f"{', '.join(s['name'] for s in specs)}")
     return [s for s in specs if names is None or s["name"] in names]
 
 
@@ -238,6 +240,7 @@ def tables(args):
     specs = load_specs(args.concepts)
     model_dir, finetunes = MODELS[args.model]
     weights = args.weights or f"{model_dir}/model.safetensors"
+    clip = ClipImageSimilarity(args.clip) if args.clip else None  # a wrong folder fails before any training
     train_missing(specs, weights, args)
 
     model = load_ti_model(args.model, weights, args.train_overrides, [V2] if args.korean else [])
@@ -256,7 +259,6 @@ def tables(args):
         sections.append("Caption following of the pretrained model:\n\n" + format_table(rows))
         sections.append("Scene words leaning their unnamed attribute (chance: 1/3 pattern and outline, "
                         "1/4 background):\n\n" + format_table(scenes))
-    clip = ClipImageSimilarity(args.clip) if args.clip else None
     rows, pairs = [], []
     for spec in specs:
         image_score = None
@@ -278,7 +280,7 @@ def tables(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all in dataset/)")
     p.add_argument("--embeddings", default=None,
                    help="folder of <concept>_seed<seed>.pt files "
@@ -306,14 +308,21 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=1,
                    help="TI runs trained at a time, each in its own process with cores/jobs threads")
     p.add_argument("--out", default=None, help="write the tables (markdown) here too")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     p.add_argument("train_overrides", nargs="*", help="key=value overrides for the TI runs")
     args = p.parse_args(argv)
     args.embeddings = args.embeddings or "outputs/concept_embeddings" + ("" if args.model == "ldm" else f"_{args.model}")
-    with torch.no_grad():
-        text = tables(args)
+    run_command(functools.partial(run, args), args.debug)
+
+
+@torch.no_grad()
+def run(args):
+    """Check the flags, then print the tables (and write them to args.out)."""
+    require_positive(n=args.n, ddim_steps=args.ddim_steps, jobs=args.jobs)
+    require_finite(scale=args.scale)
+    text = tables(args)
     print(text)
     if args.out:
-        from ldm.util import atomic_write_text
         atomic_write_text(text + "\n", args.out)
 
 

@@ -6,7 +6,7 @@
 --half stores weights as float16 (schedule buffers stay float32); loading casts them back to float32.
 For an autoencoder run it also prints the latent scale factor (1 / std of latents) for the LDM config.
 """
-import argparse
+import functools
 import os
 import sys
 
@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS  # noqa: E402
 from ldm.util import atomic_path, instantiate_from_config  # noqa: E402
 from load import read_state_dict  # noqa: E402
@@ -41,10 +42,14 @@ def latent_scale_factor(run_dir, n=512):
     from ldm.models.autoencoder import images_from_batch
     from load import load_model_from_config
 
-    cfg = OmegaConf.load(sorted(glob(os.path.join(run_dir, "configs", "*-project.yaml")))[-1])
+    configs = sorted(glob(os.path.join(run_dir, "configs", "*-project.yaml")))
+    if not configs:
+        raise UsageError(f"{run_dir}/configs has no *-project.yaml: the latent scale needs the run's config "
+                         "(give the run folder train_new.py wrote)")
+    cfg = OmegaConf.load(configs[-1])
     model = load_model_from_config(cfg, checkpoint_of(run_dir))
     dataset = instantiate_from_config(cfg.data.params.train)
-    data = [dataset[i] for i in range(n)]
+    data = [dataset[i] for i in range(min(n, len(dataset)))]
     x = images_from_batch({"image": torch.stack([torch.from_numpy(d["image"]) for d in data])}, "image")
     with torch.no_grad():
         z = model.encode(x).sample()
@@ -52,11 +57,17 @@ def latent_scale_factor(run_dir, n=512):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("run", help="run folder (uses checkpoints/last.ckpt) or a checkpoint file")
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--half", action="store_true", help="store float weights as float16")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
+    run_command(functools.partial(export, args), args.debug)
+
+
+def export(args):
+    """Write args.run's weights to args.out; for an autoencoder run folder also print its latent scale factor."""
     from safetensors.torch import save_file
 
     state, info = read_state_dict(checkpoint_of(args.run))

@@ -3,7 +3,7 @@
     python check/init_word.py teddybear
     python check/init_word.py dog --config CONFIG.yaml --ckpt MODEL.ckpt
 """
-import argparse
+import functools
 import os
 import sys
 
@@ -12,11 +12,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a fresh clone
 
+from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from ldm.modules.encoders.modules import BERTEmbedder  # noqa: E402
+from ldm.util import require_positive  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("word", help="candidate initializer word or placeholder string")
     parser.add_argument("--config", help="model config YAML (with --ckpt: show embedding neighbours)")
     parser.add_argument("--ckpt", help="model checkpoint matching --config")
@@ -24,6 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--n_layer", type=int, default=32, help="encoder depth without a checkpoint")
     parser.add_argument("--tokenizer_path", help="local bert-base-uncased folder (default: the installed vocabulary)")
     parser.add_argument("--top", type=int, default=10, help="neighbours to list per token")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     if bool(args.config) != bool(args.ckpt):
         parser.error("--config and --ckpt go together: give both to see embedding neighbours, or neither")
@@ -33,10 +36,9 @@ def parse_args(argv=None):
 def load_embedder(args):
     """The checkpoint's text encoder, or a weightless one (meta device) that can only tokenize."""
     if args.ckpt:
-        from omegaconf import OmegaConf
-        from load import load_model_from_config
+        from load import load_model_from_config, read_config
 
-        return load_model_from_config(OmegaConf.load(args.config), args.ckpt).cond_stage_model
+        return load_model_from_config(read_config(args.config), args.ckpt).cond_stage_model
     with torch.device("meta"):
         return BERTEmbedder(n_embed=args.n_embed, n_layer=args.n_layer, tokenizer_path=args.tokenizer_path)
 
@@ -60,8 +62,16 @@ def verdict(ids, unk_id):
 
 def main(argv=None):
     args = parse_args(argv)
+    run_command(functools.partial(show, args), args.debug)
+
+
+def show(args):
+    """Print how args.word tokenizes and, with a checkpoint, each token's nearest neighbours."""
+    require_positive(top=args.top)
     embedder = load_embedder(args)
     ids = embedder.word_token_ids(args.word)
+    if not ids:
+        raise UsageError(f"'{args.word}' holds no token (empty or blank): give a word")
     pieces = embedder.tokenizer.pieces(ids)
     print(f"'{args.word}' -> {pieces} ids {ids} ({verdict(ids, embedder.unk_token_id)})")
     if not args.ckpt:

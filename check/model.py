@@ -5,17 +5,17 @@
 Without --ckpt the model is built on the meta device (no memory, no weights), so even the 1.4B
 config is checked in seconds.
 """
-import argparse
+import functools
 import os
 import sys
 
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
-from load import load_state_dict_into  # noqa: E402
+from load import load_state_dict_into, read_config  # noqa: E402
 
 
 def count(module):
@@ -36,11 +36,19 @@ def report(model):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--config", required=True)
     p.add_argument("--ckpt", default=None, help="checkpoint to load (strictly checked, mismatches listed)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
-    config = OmegaConf.load(args.config)
+    run_command(functools.partial(check, args), args.debug)
+
+
+def check(args):
+    """Print what args.config builds and, with args.ckpt, what the checkpoint fills."""
+    config = read_config(args.config)
+    if "model" not in config:
+        raise UsageError(f"config {args.config} has no model: section: give a model config")
     if args.ckpt:
         model = instantiate_from_config(config.model)
         result = load_state_dict_into(model, args.ckpt, strict=False)

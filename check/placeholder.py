@@ -6,7 +6,7 @@ position embedding); after the encoder's attention every position moves, which i
     python check/placeholder.py embeddings.pt --prompt "a photo of *"
     python check/placeholder.py embeddings.pt --config CONFIG.yaml --ckpt MODEL.ckpt
 """
-import argparse
+import functools
 import os
 import sys
 
@@ -14,18 +14,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a fresh clone
 
+from ldm.cli import ArgumentParser, run_command  # noqa: E402
 from ldm.modules.embedding_formats import read_embeddings  # noqa: E402
 from ldm.modules.embedding_manager import EmbeddingManager  # noqa: E402
 from ldm.modules.encoders.modules import BERTEmbedder  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("embedding", help="learned embedding file (any supported format)")
     parser.add_argument("--prompt", default="a photo of *", help="prompt that uses the placeholder")
     parser.add_argument("--config", help="model config YAML (with --ckpt)")
     parser.add_argument("--ckpt", help="model checkpoint; without it a seeded random encoder of the file's width is used")
     parser.add_argument("--n_layer", type=int, default=2, help="depth of the random encoder without a checkpoint")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)
     if bool(args.config) != bool(args.ckpt):
         parser.error("--config and --ckpt go together: give both, or neither for a random encoder")
@@ -36,10 +38,9 @@ def load_embedder_and_manager(args):
     """(BERTEmbedder, EmbeddingManager holding the file's vectors), both in eval mode."""
     width = next(iter(read_embeddings(args.embedding).vectors.values())).shape[-1]
     if args.ckpt:
-        from omegaconf import OmegaConf
-        from load import load_model_from_config
+        from load import load_model_from_config, read_config
 
-        model = load_model_from_config(OmegaConf.load(args.config), args.ckpt)
+        model = load_model_from_config(read_config(args.config), args.ckpt)
         embedder, manager = model.cond_stage_model, model.embedding_manager
     else:
         torch.manual_seed(0)
@@ -50,9 +51,15 @@ def load_embedder_and_manager(args):
     return embedder.eval(), manager.eval()
 
 
-@torch.no_grad()
 def main(argv=None):
+    """-> 0 where only the placeholder positions changed, 1 where not (or the prompt has no placeholder)."""
     args = parse_args(argv)
+    return run_command(functools.partial(compare, args), args.debug)
+
+
+@torch.no_grad()
+def compare(args):
+    """Print which positions the embedding file changes in args.prompt -> the exit status (0: as expected)."""
     embedder, manager = load_embedder_and_manager(args)
     tokens = embedder.tokenize([args.prompt])
     edited_tokens = tokens.clone()  # the manager rewrites ids in place when a placeholder has several vectors

@@ -10,7 +10,7 @@ and the share of samples more than 0.2 off (trajectories that fell into another 
 is sensitive).
 Prompts: "a photo of a *" and "a photo of a blue *" with --embedding, and two plain captions.
 """
-import argparse
+import functools
 import os
 import sys
 
@@ -19,7 +19,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from check.concept_table import load_ti_model  # noqa: E402
+from ldm.cli import ArgumentParser, run_command  # noqa: E402
 from ldm.models.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, SPACINGS, sample_latents  # noqa: E402
+from ldm.util import require_finite, require_positive  # noqa: E402
 
 PLAIN = ["a photo of a red circle", "a photo of a green square"]
 WITH_PLACEHOLDER = ["a photo of a *", "a photo of a blue *"]
@@ -31,7 +33,7 @@ def solve(model, captions, x_T, scale, sampler, steps, spacing):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--embedding", default=None, help="a TI embedding of the tiny model (adds the * prompts)")
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     p.add_argument("--steps", nargs="+", type=int, default=[10, 15, 20, 30, 50])
@@ -40,8 +42,16 @@ def main(argv=None):
     p.add_argument("--scale", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference_steps", type=int, default=1000, help="DDIM steps of the reference solution")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
+    run_command(functools.partial(measure, args), args.debug)
 
+
+@torch.no_grad()
+def measure(args):
+    """Print each sampler's error against the reference solution at each step count."""
+    require_positive(n=args.n, steps=min(args.steps), reference_steps=args.reference_steps)
+    require_finite(scale=args.scale)
     model = load_ti_model()
     prompts = PLAIN
     if args.embedding:

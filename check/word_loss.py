@@ -9,22 +9,23 @@ scene phrase and once "... in the {word}" per word, and the eps-MSE of the shipp
 lower the loss; where the right and a wrong word give the same loss, textual inversion's objective (the same
 eps-MSE) cannot tell those values apart at that t. This is what `train_timesteps` in the TI config acts on.
 """
-import argparse
-import json
+import functools
 import os
 import sys
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from check.concept_table import load_specs  # noqa: E402
+from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
 from ldm.data.images import list_images, load_rgb, to_model_range  # noqa: E402
 from ldm.data.personalized import _class_texts  # noqa: E402
 from ldm.data.shapes_palette import SCENE_PHRASE  # noqa: E402
 from ldm.data.shapes_world import CLASS_TEXTS  # noqa: E402
-from load import load_model_from_config  # noqa: E402
+from ldm.util import require_positive  # noqa: E402
+from load import load_model_from_config, read_config  # noqa: E402
 
 MODEL_DIR = "models/ldm/tiny-shapes"
 
@@ -50,17 +51,31 @@ def loss_by_t(model, z0, captions, ts, n_noise, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--concept", required=True, help="a folder name under dataset/")
     p.add_argument("--words", nargs="+", required=True, help="scene words to compare (shapes_palette.SCENES)")
     p.add_argument("--t", type=int, nargs="+", default=[100, 300, 500, 700, 900])
     p.add_argument("--noise", type=int, default=8, help="noise draws per t")
     p.add_argument("--weights", default=f"{MODEL_DIR}/model.safetensors")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
-    model = load_model_from_config(OmegaConf.load(f"{MODEL_DIR}/config.yaml"), args.weights)
+    run_command(functools.partial(compare_words, args), args.debug)
+
+
+def check_timesteps(ts, model):
+    """Refuse a --t the model has no noise level for."""
+    bad = [t for t in ts if not 0 <= t < model.num_timesteps]
+    if bad:
+        raise UsageError(f"--t {bad[0]} is not a timestep of this model: give values in 0..{model.num_timesteps - 1}")
+
+
+def compare_words(args):
+    """Print the eps-MSE table of the captions without and with each scene word."""
+    require_positive(noise=args.noise)
+    init_word = load_specs([args.concept])[0]["init_word"]
+    model = load_model_from_config(read_config(f"{MODEL_DIR}/config.yaml"), args.weights)
+    check_timesteps(args.t, model)
     folder = os.path.join("dataset", args.concept)
-    with open(os.path.join(folder, "concept.json")) as f:
-        init_word = json.load(f)["init_word"]
     z0, colours = concept_latents(model, folder)
     print(f"eps-MSE x 1e3 on dataset/{args.concept} ({len(colours)} images), mean over {args.noise} noise draws")
     print(f"| caption ends | " + " | ".join(f"t={t}" for t in args.t) + " |")

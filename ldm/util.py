@@ -1,13 +1,18 @@
-"""Small helpers shared by every module: config instantiation, atomic writes, defaults."""
+"""Small helpers shared by every module: config instantiation, atomic and numbered writes, flag checks, defaults."""
+import errno
 import importlib
 import itertools
+import math
 import os
+import re
 import tempfile
 import weakref
 from contextlib import contextmanager
 from inspect import isfunction
 
 import torch
+
+from ldm.cli import UsageError
 
 
 def exists(x):
@@ -87,6 +92,79 @@ def atomic_write_text(text, path):
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
+
+
+def next_number(folder, prefix="", suffix=""):
+    """1 + the largest N of the files named <prefix>N<suffix> in `folder` (N: digits), or 0 where there is none."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix))
+    found = (pattern.fullmatch(name) for name in os.listdir(folder))
+    return max((int(m.group(1)) + 1 for m in found if m), default=0)
+
+
+def write_numbered(folder, write, prefix="", suffix="", digits=5):
+    """write(path) makes a file; it takes the new name `folder/<prefix>NNNNN<suffix>` -> that name.
+
+    The number is the first free one after the largest already there. The name is claimed exclusively: a file
+    that has it - one made meanwhile by another process too - is never written over; the next number is taken
+    instead, so several processes may write into one folder at once. The content is on the disk before it
+    takes the name, and a failed write leaves nothing behind.
+    """
+    os.makedirs(folder, exist_ok=True)
+    fd, staged = tempfile.mkstemp(dir=folder, prefix=".new-", suffix=suffix)
+    os.close(fd)
+    try:
+        with atomic_path(staged) as tmp:
+            write(tmp)
+        number = next_number(folder, prefix, suffix)
+        while True:
+            path = os.path.join(folder, f"{prefix}{number:0{digits}}{suffix}")
+            if claim_name(staged, path):
+                return path
+            number += 1
+    finally:
+        if os.path.exists(staged):
+            os.remove(staged)
+
+
+# What link() says on a file system without hard links (FAT, some network and FUSE mounts).
+NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def claim_name(staged, path):
+    """Give the file `staged` the name `path` too, unless a file has it -> whether it did; never replaces a file.
+
+    A hard link fails where the name exists; where the file system has no hard links, the name is created
+    exclusively (O_EXCL) and `staged` moved onto it.
+    """
+    try:
+        os.link(staged, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:
+            raise
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    os.replace(staged, path)
+    return True
+
+
+def require_finite(**flags):
+    """Refuse the first --flag whose value (a float) is nan or infinite: one line naming it."""
+    for name, value in flags.items():
+        if not math.isfinite(value):
+            raise UsageError(f"--{name} {value} is not a finite number: give a real value")
+
+
+def require_positive(**flags):
+    """Refuse the first --flag whose value (a count, a size, a temperature) is not above 0: one line naming it."""
+    for name, value in flags.items():
+        if not value > 0:
+            fix = "1 or more" if isinstance(value, int) else "a number above 0"
+            raise UsageError(f"--{name} {value} must be greater than 0: give {fix}")
 
 
 def memoised_rows(memo, keys, compute, limit):

@@ -1,11 +1,14 @@
-"""check/init_word.py and check/placeholder.py, run in-process on tiny models."""
+"""check/init_word.py and check/placeholder.py, run in-process on tiny models; every check/ command's user errors."""
+import importlib
 import json
+import os
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from check import init_word, placeholder
+from ldm.cli import UsageError
 from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.modules.encoders.modules import BERTEmbedder
 
@@ -60,3 +63,41 @@ def test_placeholder_changes_only_its_positions(capsys, embedding_files, name, p
 def test_placeholder_prompt_without_placeholder(capsys, embedding_files):
     assert placeholder.main([str(embedding_files / "e1.pt"), "--prompt", "a photo of a dog"]) == 1
     assert "none of the file's placeholders" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script, argv, expect", [
+    ("model", ["--config", "nowhere.yaml"], "config not found: nowhere.yaml"),
+    ("model", ["--config", "{bad_yaml}"], "is not valid YAML"),
+    ("model", ["--config", "configs/tiny/txt2img-tiny-finetune.yaml", "--ckpt", "{empty}"], "is empty (0 bytes)"),
+    ("init_word", ["", "--n_embed", "32", "--n_layer", "1"], "holds no token"),
+    ("init_word", ["dog", "--top", "0"], "--top 0 must be greater than 0"),
+    ("placeholder", ["nowhere.pt"], "nowhere.pt"),
+    ("export_checkpoint", ["nowhere", "--out", "{tmp}/x.safetensors"], "checkpoint not found: nowhere"),
+    ("concept_eval", ["--images", "nowhere", "--spec", "dataset/solid_square/concept.json"], "--images nowhere"),
+    ("concept_eval", ["--images", "{tmp}", "--spec", "{bad_yaml}"], "is not valid JSON"),
+    ("concept_eval", ["--images", "{tmp}", "--spec", "dataset/solid_square/concept.json", "--edit", "x"],
+     "--edit 'x' is not in"),
+    ("concept_table", ["--concepts", "nope"], "no dataset/<concept>/concept.json for nope: use one of"),
+    ("concept_table", ["--n", "0"], "--n 0 must be greater than 0"),
+    ("ablations", ["--variants", "nope"], "no variant 'nope'"),
+    ("word_loss", ["--concept", "nope", "--words", "library"], "no dataset/<concept>/concept.json for nope"),
+    ("band_probe", ["--concept", "solid_square", "--embedding", "x", "--scale", "nan"], "--scale nan is not a finite"),
+    ("sampler_accuracy", ["--steps", "20", "0"], "--steps 0 must be greater than 0"),
+])
+def test_user_errors_get_one_line_and_exit_2(script, argv, expect, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    files = {"bad_yaml": tmp_path / "bad.yaml", "empty": tmp_path / "empty.ckpt", "tmp": tmp_path}
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(f"check.{script}").main([a.format(**files) for a in argv])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert info.value.code == 2 and len(errors) == 1 and expect in errors[0], errors
+
+
+def test_debug_shows_the_traceback(monkeypatch):
+    from check import model
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with pytest.raises(UsageError, match="config not found: nowhere.yaml"):
+        model.main(["--config", "nowhere.yaml", "--debug"])
