@@ -12,6 +12,7 @@ for a model trained from scratch, `{config: {BertConfig fields}, tokenizer: toke
 import torch
 
 from improvement.v2.aligner import Aligner
+from ldm.cli import UsageError
 from ldm.modules.encoders.base import load_pretrained
 from ldm.modules.encoders.modules import BERTEmbedder
 
@@ -93,9 +94,9 @@ class MultilingualBERTEmbedder(BERTEmbedder):
         unexpected = sorted(set(sd) - set(own))
         wrong = sorted(k for k in set(sd) & set(own) if sd[k].shape != own[k])
         if missing or unexpected or wrong:
-            raise RuntimeError(f"{path} does not fit this v2 conditioner (another aligner or pre-encoder size?): "
-                               f"missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]}, "
-                               f"other shapes e.g. {wrong[:3]}")
+            raise UsageError(f"{path} does not fit this v2 conditioner (another aligner or pre-encoder size?): "
+                             f"missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]}, "
+                             f"other shapes e.g. {wrong[:3]}")
         self.load_state_dict(sd, strict=False)
 
     def source_states(self, text):
