@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from improvement.v2 import corpus
 from improvement.v2.pre_BERT import MultilingualBERTEmbedder
 from improvement.v2.train_aligner import main as train_aligner, train_wordpiece
+from ldm.cli import UsageError
 from load import load_model_from_config
 from train_new_v2 import V2
 
@@ -68,7 +69,7 @@ def test_aligner_training_command_writes_files_that_load_back(tmp_path):
     back = MultilingualBERTEmbedder(64, 2, pre_encoder=str(out / "pre_encoder"), aligner={"dim": 32, "depth": 1,
                                     "heads": 2}, aligner_ckpt=str(out / "aligner.safetensors"))
     assert len(back.aligner.target_ids) > 30
-    with pytest.raises(RuntimeError, match="does not fit this v2 conditioner"):
+    with pytest.raises(UsageError, match="does not fit this v2 conditioner"):
         MultilingualBERTEmbedder(64, 2, pre_encoder=str(out / "pre_encoder"), aligner={"dim": 48, "depth": 1},
                                  aligner_ckpt=str(out / "aligner.safetensors"))
 
