@@ -158,19 +158,21 @@ class SpatialTransformer(nn.Module):
 
     The 1x1 projections run as matrix products on the (B, H*W, C) tokens: the same weights without a
     convolution's layout work. `SpatialTransformer.linear_projections = False` runs them as the reference's
-    convolutions (the benchmark baseline).
+    convolutions (the benchmark baseline). use_linear (SD 2.x's use_linear_in_transformer) stores them as
+    nn.Linear, weights (C_out, C_in) instead of (C_out, C_in, 1, 1): the same function.
     """
     linear_projections = True
 
-    def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None, checkpoint=True):
+    def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None, checkpoint=True,
+                 use_linear=False):
         super().__init__()
         inner = n_heads * d_head
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
-        self.proj_in = Conv2d(in_channels, inner, 1)
+        self.proj_in = nn.Linear(in_channels, inner) if use_linear else Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, n_heads, d_head, dropout, context_dim, checkpoint) for _ in range(depth)
         )
-        self.proj_out = zero_module(Conv2d(inner, in_channels, 1))
+        self.proj_out = zero_module(nn.Linear(inner, in_channels) if use_linear else Conv2d(inner, in_channels, 1))
 
     def forward(self, x, context=None):
         """x: (B, C, H, W), context: (B, M, Cc) -> (B, C, H, W)."""
@@ -181,8 +183,8 @@ class SpatialTransformer(nn.Module):
         return rearrange(self._pointwise(self.proj_out, h_, h, w), "b (h w) c -> b c h w", h=h, w=w) + x
 
     def _pointwise(self, conv, tokens, h, w):
-        """tokens: (B, H*W, C_in) -> (B, H*W, C_out) through the 1x1 convolution `conv`."""
-        if self.linear_projections:
+        """tokens: (B, H*W, C_in) -> (B, H*W, C_out) through `conv`, a 1x1 convolution or an nn.Linear."""
+        if self.linear_projections or isinstance(conv, nn.Linear):
             return F.linear(tokens, conv.weight.flatten(1), conv.bias)
         return rearrange(conv(rearrange(tokens, "b (h w) c -> b c h w", h=h, w=w)), "b c h w -> b (h w) c")
 

@@ -1,4 +1,5 @@
-"""LatentDiffusion: eps-prediction DDPM in the latent space of a frozen first stage, text-conditioned.
+"""LatentDiffusion: DDPM in the latent space of a frozen first stage, text-conditioned; the UNet predicts eps
+(LDM, SD v1) or v (`parameterization: v`, SD 2.x 768-v).
 
 Two ways to train, chosen by the config:
 - textual inversion (`personalization_config` given): UNet, first stage and text encoder frozen;
@@ -57,11 +58,11 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
                  embedding_reg_weight=0.0, cond_drop_prob=0.0, latent_cache=False, channels_last=False,
                  recompute_projections=True, compile=False, ckpt_path=None, ignore_keys=(), train_embedding=True,
                  trainable_modules=None, train_timesteps=None, train_timesteps_p=1.0, band_overlap=0,
-                 **reference_options):
+                 parameterization="eps", **reference_options):
         super().__init__()
         self.reference = _ReferenceOptions(**reference_options)
         self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas,
-                               self.reference.v_posterior)
+                               self.reference.v_posterior, parameterization)
         self.logvar = torch.full((self.num_timesteps,), float(self.reference.logvar_init))
         self.image_size, self.channels = image_size, channels
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
@@ -104,7 +105,8 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
         return self.first_stage_model.decode(z / self.scale_factor)
 
     def apply_model(self, x_t, t, c):
-        """x_t: (B, C, h, w), t: (B,) int64, c: (B, T, D) -> eps: (B, C, h, w)."""
+        """x_t: (B, C, h, w), t: (B,) int64, c: (B, T, D) -> the UNet's output (B, C, h, w): eps, or v for
+        parameterization v (the samplers convert it: `guided_eps`)."""
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         compiled = self._compiled_model is not None and torch.is_grad_enabled()
@@ -122,10 +124,12 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
         return self.get_first_stage_encoding(posterior).detach()
 
     def p_losses(self, z0, c, t, noise=None):
-        """The simple eps-MSE loss of the reference (logvar fixed at 0), plus the optional vlb term."""
+        """The simple MSE loss of the reference against noise (eps) or get_v (v), logvar fixed at 0, plus the
+        optional vlb term."""
         noise = torch.randn_like(z0) if noise is None else noise
-        eps = self.apply_model(self.q_sample(z0, t, noise), t, c)
-        loss_simple = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+        out = self.apply_model(self.q_sample(z0, t, noise), t, c)
+        target = self.training_target(z0, noise, t)
+        loss_simple = F.mse_loss(out.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         logvar_t = self.logvar.to(z0.device)[t]
         loss = (loss_simple / torch.exp(logvar_t) + logvar_t).mean() * self.reference.l_simple_weight
         logs = {"loss_simple": loss_simple.mean().detach()}
@@ -225,8 +229,8 @@ class _ReferenceOptions:
 
     _BOOKKEEPING = ("num_timesteps_cond", "log_every_t", "monitor", "clip_denoised", "concat_mode")
     _DEFAULTS = {"use_ema": False, "cond_stage_forward": None, "scale_by_std": False, "loss_type": "l2",
-                 "parameterization": "eps", "use_positional_encodings": False, "learn_logvar": False,
-                 "load_only_unet": False, "scheduler_config": None}
+                 "use_positional_encodings": False, "learn_logvar": False, "load_only_unet": False,
+                 "scheduler_config": None}
 
     def __init__(self, v_posterior=0.0, logvar_init=0.0, l_simple_weight=1.0, original_elbo_weight=0.0, **others):
         self.v_posterior, self.logvar_init = v_posterior, logvar_init

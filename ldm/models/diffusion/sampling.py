@@ -1,7 +1,8 @@
 """Samplers as small functions over an eps-model, a start tensor and a schedule.
 
 `eps_fn(x, t) -> eps` with x: (B, C, h, w) and t: (B,) int64. Classifier-free guidance is a wrapper
-around the model (one batched forward for both halves), not a sampler option.
+around the model (one batched forward for both halves), not a sampler option; the same wrapper turns a
+v-prediction model's output into eps (as the reference's DDIM and DPM-Solver do), so every sampler runs on eps.
 """
 import math
 
@@ -64,6 +65,9 @@ def ddim_schedule(alphas_cumprod, steps, eta=0.0, spacing="uniform"):
 def guided_eps(model, c, uc=None, scale=1.0):
     """eps_fn for model.apply_model with classifier-free guidance: e_uc + s (e_c - e_uc), one forward.
 
+    Guidance combines the model's outputs; for a v-model (`model.parameterization == "v"`) these are v, as in
+    the reference, and the guided v becomes eps = sqrt(ac) v + sqrt(1 - ac) x_t (`predict_eps_from_z_and_v`).
+
     c: (B, T, D), or a list of them, one per timestep band of the model's embedding manager (a step uses
     its band's). Each context is the same at every step of its band, so its cross-attention keys and
     values are computed once.
@@ -73,7 +77,7 @@ def guided_eps(model, c, uc=None, scale=1.0):
     contexts = [torch.cat([uc, b]) if guided else b for b in bands]
     projections = [{} for _ in bands]
 
-    def eps_fn(x, t):
+    def output_fn(x, t):
         k = int(model.timestep_band(t[:1])) if len(bands) > 1 else 0
         with reuse_context_projections(projections[k]):
             if not guided:
@@ -81,7 +85,9 @@ def guided_eps(model, c, uc=None, scale=1.0):
             e_uc, e_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), contexts[k]).chunk(2)
         return e_uc + scale * (e_c - e_uc)
 
-    return eps_fn
+    if getattr(model, "parameterization", "eps") == "eps":  # any object with apply_model predicts eps
+        return output_fn
+    return lambda x, t: model.predict_eps_from_z_and_v(x, t, output_fn(x, t))
 
 
 def _ddim_update(x, e, a, a_prev, sigma, generator=None):

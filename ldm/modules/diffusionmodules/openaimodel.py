@@ -85,12 +85,14 @@ def _heads(ch, num_heads, num_head_channels, legacy):
 
 
 class UNetModel(nn.Module):
-    """eps_theta(x_t, t, context). Only the cross-attention variant of the reference is built."""
+    """eps_theta(x_t, t, context), or v_theta for a v-model. Only the cross-attention variant of the reference is
+    built; use_linear_in_transformer (SD 2.x) stores the transformers' 1x1 projections as nn.Linear."""
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
                  attention_resolutions, dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2,
                  use_checkpoint=False, num_heads=-1, num_head_channels=-1, transformer_depth=1,
-                 context_dim=None, legacy=True, use_spatial_transformer=True, **unsupported):
+                 context_dim=None, legacy=True, use_spatial_transformer=True, use_linear_in_transformer=False,
+                 **unsupported):
         super().__init__()
         _reject_unsupported(unsupported, use_spatial_transformer)
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
@@ -103,7 +105,7 @@ class UNetModel(nn.Module):
             if ds in attention_resolutions:
                 heads, dim_head = _heads(ch_out, num_heads, num_head_channels, legacy)
                 layers.append(SpatialTransformer(ch_out, heads, dim_head, transformer_depth, context_dim=context_dim,
-                                                 checkpoint=use_checkpoint))
+                                                 checkpoint=use_checkpoint, use_linear=use_linear_in_transformer))
             return layers
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
@@ -121,7 +123,8 @@ class UNetModel(nn.Module):
         heads, dim_head = _heads(ch, num_heads, num_head_channels, legacy)
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, ted, dropout, ch, dims, use_checkpoint),
-            SpatialTransformer(ch, heads, dim_head, transformer_depth, context_dim=context_dim, checkpoint=use_checkpoint),
+            SpatialTransformer(ch, heads, dim_head, transformer_depth, context_dim=context_dim,
+                               checkpoint=use_checkpoint, use_linear=use_linear_in_transformer),
             ResBlock(ch, ted, dropout, ch, dims, use_checkpoint),
         )
 
@@ -138,7 +141,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
 
     def forward(self, x, timesteps, context=None):
-        """x: (B, C, H, W), timesteps: (B,) int, context: (B, M, Cc) -> eps: (B, C_out, H, W)."""
+        """x: (B, C, H, W), timesteps: (B,) int, context: (B, M, Cc) -> eps or v: (B, C_out, H, W)."""
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
         hs, h = [], x
         for module in self.input_blocks:

@@ -1,16 +1,17 @@
 """Conditioning encoders under the dotted names of the reference configs.
 
 `BERTEmbedder` is LDM's text encoder (x-transformers body, bert-base-uncased tokenizer);
-`FrozenCLIPEmbedder` (SD v1) and `FrozenT5Embedder` live in their own files and are re-exported here,
-because released configs name them `ldm.modules.encoders.modules.<Class>`.
+`FrozenCLIPEmbedder` (SD v1), `FrozenOpenCLIPEmbedder` (SD 2.x) and `FrozenT5Embedder` live in their own files
+and are re-exported here, because released configs name them `ldm.modules.encoders.modules.<Class>`.
 """
 from ldm.modules.encoders.base import AbstractEncoder, TextEncoder
 from ldm.modules.encoders.clip import FrozenCLIPEmbedder
+from ldm.modules.encoders.openclip import FrozenOpenCLIPEmbedder
 from ldm.modules.encoders.t5 import FrozenT5Embedder
 from ldm.modules.encoders.tokenizers import TextTokenizer, default_bert_source, load_bert_tokenizer
 from ldm.modules.x_transformer import Encoder, TransformerWrapper
 
-__all__ = ["AbstractEncoder", "BERTEmbedder", "FrozenCLIPEmbedder", "FrozenT5Embedder"]
+__all__ = ["AbstractEncoder", "BERTEmbedder", "FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder", "FrozenT5Embedder"]
 
 
 class BERTEmbedder(TextEncoder):
