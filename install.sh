@@ -13,5 +13,6 @@ if [ "${TORCH_SPEC:-torch==2.13.0}" != "skip" ]; then
 fi
 pip install -q -r requirements.txt
 pip install -q --no-deps -r requirements-nodeps.txt
-pip install -q --no-deps -e .
+pip install -q hatchling editables  # build this package without fetching a build environment (the wheel test too)
+pip install -q --no-deps --no-build-isolation -e .
 python -c "import torch, pytorch_lightning, transformers, taming.modules.vqvae.quantize; print('installed: torch', torch.__version__, '| lightning', pytorch_lightning.__version__)"

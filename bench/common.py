@@ -1,5 +1,4 @@
 """Shared pieces of the benchmarks: building the model both ways, timing, peak memory."""
-import contextlib
 import os
 import resource
 import statistics
@@ -8,13 +7,9 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from ldm.data.personalized import PersonalizedBase
-from ldm.modules.attention import GEGLU, CrossAttention, SpatialTransformer
-from ldm.modules.diffusionmodules.util import Conv2d
-from ldm.modules.encoders.tokenizers import TextTokenizer
-from ldm.modules.x_transformer import Attention as BertAttention
+from ldm.implementation import OURS, REFERENCE, using
 from ldm.util import instantiate_from_config
-from load import load_state_dict_into
+from ldm.checkpoints import load_state_dict_into
 
 PERSONALIZATION = {"target": "ldm.modules.embedding_manager.EmbeddingManager",
                    "params": {"placeholder_strings": ["*"], "initializer_words": ["dog"]}}
@@ -54,24 +49,11 @@ def build(config, ckpt, ours, device):
     return model.to(device).train()
 
 
-@contextlib.contextmanager
 def implementation(ours):
-    """Ours: scaled_dot_product_attention (UNet and LDM BERT), frozen convolutions that keep only the weight for
-    backward, 1x1 projections as matrix products, the GEGLU gate keeping only its input, training images decoded
-    and resized once, caption ids memoised. Original: explicit einsum + softmax in fp32, autograd's convolutions
-    (they keep the input too) and GEGLU graph, every image read from its file and every caption tokenized at every
-    step."""
-    switches = ((CrossAttention, "use_sdpa"), (BertAttention, "use_sdpa"), (Conv2d, "lean"),
-                (SpatialTransformer, "linear_projections"), (GEGLU, "fused"), (PersonalizedBase, "memoise"),
-                (TextTokenizer, "memoise"))
-    previous = [getattr(cls, name) for cls, name in switches]
-    for cls, name in switches:
-        setattr(cls, name, bool(ours))
-    try:
-        yield
-    finally:
-        for (cls, name), value in zip(switches, previous):
-            setattr(cls, name, value)
+    """A block that runs our implementation (`ours`) or the original code's: every switch of
+    `ldm.implementation.Implementation` off (einsum attention, autograd's convolutions and GEGLU, 1x1 convolutions,
+    images read and captions tokenized at every step)."""
+    return using(OURS if ours else REFERENCE)
 
 
 def synchronize(device):

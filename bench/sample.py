@@ -11,14 +11,12 @@ Variants, interleaved in one process on the same start noise:
 """
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import implementation, build, load_config, median, timed  # noqa: E402
-from ldm.models.diffusion.sampling import ddim_schedule, guided_eps, sample_ddim  # noqa: E402
+from bench.common import implementation, build, load_config, median, timed
+from ldm.models.diffusion.sampling import ddim_schedule, guided_eps, sample_ddim
 
 DEFAULT_CONFIG = ["models/ldm/tiny-shapes/config.yaml", "configs/tiny-shapes/finetune.yaml"]
 DEFAULT_CKPT = "models/ldm/tiny-shapes/model.safetensors"

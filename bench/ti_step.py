@@ -27,10 +27,9 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import implementation, build, load_config, median, peak_memory, timed  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from bench.common import implementation, build, load_config, median, peak_memory, timed
+from ldm.util import instantiate_from_config
 
 DEFAULT_CONFIG = ["models/ldm/tiny-shapes/config.yaml", "configs/tiny-shapes/finetune.yaml"]
 DEFAULT_CKPT = "models/ldm/tiny-shapes/model.safetensors"

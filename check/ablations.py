@@ -16,21 +16,19 @@ import datetime
 import functools
 import glob
 import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check.concept_eval import evaluate_concept, format_table  # noqa: E402
-from check.concept_table import (FINETUNE, MODEL_DIR, load_specs, load_ti_model, make_sampler,  # noqa: E402
+from ldm.data.shapes.scores import evaluate_concept, format_table
+from check.concept_table import (FINETUNE, MODEL_DIR, load_specs, load_ti_model, make_sampler,
                                  train_concept)
-from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from ldm.models.diffusion.sampling import SAMPLERS  # noqa: E402
-from ldm.util import atomic_path, atomic_write_text, require_finite, require_positive  # noqa: E402
-from load import read_config  # noqa: E402
-from txt2img import load_modules, modules_beside  # noqa: E402
+from ldm.cli import ArgumentParser, UsageError, run_command
+from ldm.models.diffusion.sampling import SAMPLERS
+from ldm.util import atomic_path, atomic_write_text, require_finite, require_positive
+from ldm.checkpoints import read_config
+from ldm.inference import load_modules, modules_beside
 
 VARIANTS = "configs/ablations"
 

@@ -11,18 +11,16 @@ with --edges, the sets as trained but the edge moved to each given timestep at s
 import collections
 import functools
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check.concept_eval import FIDELITY_PROMPT  # noqa: E402
-from check.concept_table import load_specs, load_ti_model, make_sampler  # noqa: E402
-from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from ldm.data.shapes_palette import UNNAMED  # noqa: E402
-from ldm.data.shapes_readers import read_attributes  # noqa: E402
-from ldm.util import require_finite, require_positive  # noqa: E402
+from ldm.data.shapes.scores import FIDELITY_PROMPT
+from check.concept_table import load_specs, load_ti_model, make_sampler
+from ldm.cli import ArgumentParser, UsageError, run_command
+from ldm.data.shapes.palette import UNNAMED
+from ldm.data.shapes.readers import read_attributes
+from ldm.util import require_finite, require_positive
 
 PLACEMENTS = ("as-trained", "high-everywhere", "low-everywhere")
 

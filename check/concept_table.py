@@ -11,7 +11,7 @@
 
 For each `dataset/<concept>/` and each TI seed a TI embedding is trained with the default settings
 (configs/tiny-shapes/finetune.yaml) unless `<embeddings>/<concept>_seed<seed>.pt` exists, then n samples of
-"a photo of a *" and of each edit prompt are read analytically (check/concept_eval.py), beside the
+"a photo of a *" and of each edit prompt are read analytically (ldm.data.shapes.scores), beside the
 init-word baseline (sampled once: it does not depend on the TI seed). With several seeds the `*` row holds
 the means over the seeds and each seed's fidelity and editability; a last line counts the concepts that
 meet the targets by those means (diffusion: fidelity >= 0.6 and >= 3x the baseline, editability >= 0.5;
@@ -26,7 +26,6 @@ import glob
 import multiprocessing
 import os
 import shutil
-import sys
 import threading
 import time
 
@@ -34,18 +33,20 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check.clip_similarity import ClipImageSimilarity  # noqa: E402
-from check.concept_eval import evaluate_concept, format_table, read_spec  # noqa: E402
-from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from ldm.data.images import list_images, load_rgb  # noqa: E402
-from ldm.data.shapes_draw import CANVAS  # noqa: E402
-from ldm.data.shapes_palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES  # noqa: E402
-from ldm.data.shapes_readers import read_attributes  # noqa: E402
-from ldm.models.diffusion.sampling import SAMPLERS  # noqa: E402
-from ldm.util import atomic_write_text, require_finite, require_positive  # noqa: E402
-from load import load_model_from_config, read_config  # noqa: E402
+from check.clip_similarity import ClipImageSimilarity
+from ldm.data.shapes.scores import evaluate_concept, format_table, read_spec
+from ldm.cli import ArgumentParser, UsageError, run_command
+from ldm.data.images import list_images, load_rgb
+from ldm.data.shapes.draw import CANVAS
+from ldm.data.shapes.palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES
+from ldm.data.shapes.readers import read_attributes
+from ldm.models.diffusion.sampling import SAMPLERS
+from ldm.util import atomic_write_text, require_finite, require_positive
+from ldm.checkpoints import load_model_from_config, read_config
+from ldm.inference import SampleOptions, sample_batch, to_uint8
+from ldm.training import TrainOptions
+from ldm.training import run as run_training
 
 MODEL_DIR = "models/ldm/tiny-shapes"
 FINETUNE = "configs/tiny-shapes/finetune.yaml"
@@ -59,19 +60,18 @@ TARGETS = {"ldm": (0.6, 3.0, 0.5), "ar": (0.0, 2.0, None), "ar-scales": (0.0, 2.
 
 
 def train_concept(spec, weights, logdir, extra=(), overlays=(), model="ldm", seed=None):
-    """Run train_new.py's code path (default TI settings + `overlays` + key=value `extra`) on dataset/<concept>.
+    """A TI run (ldm.training: the default TI settings + `overlays` + key=value `extra`) on dataset/<concept>.
 
     With `seed` the run uses it (train_new.py's --seed) and its folder name ends in _seed<seed>.
     """
-    import train_new
-
     model_dir, finetunes = MODELS[model]
     name = spec["name"] + (f"_seed{seed}" if seed is not None else "")
-    os.environ.pop("LDM_RUN_STAMP", None)
-    return train_new.main(["--base", f"{model_dir}/config.yaml", *finetunes, *overlays, "-t", "--actual_resume",
-                           weights, "-n", name, "--data_root", os.path.join("dataset", spec["name"]),
-                           "--init_word", spec["init_word"], "--placeholder_string", "*", "-l", logdir, *extra,
-                           *(["--seed", str(seed)] if seed is not None else [])])
+    options = TrainOptions(base=[f"{model_dir}/config.yaml", *finetunes, *overlays], train=True,
+                           actual_resume=weights, name=name, data_root=os.path.join("dataset", spec["name"]),
+                           init_word=spec["init_word"], placeholder_string="*", logdir=logdir)
+    if seed is not None:
+        options.seed = seed
+    return run_training(options, list(extra))
 
 
 def load_ti_model(model="ldm", weights=None, overrides=(), extra_configs=()):
@@ -89,14 +89,11 @@ def make_sampler(model, steps, scale, seed, sampler="ddim"):
 
     Diffusion models sample with `sampler` in `steps`; autoregressive ones sample every code (steps unused).
     """
-    import txt2img
-
-    opt = txt2img.get_parser().parse_args(["--ddim_steps", str(steps), "--scale", str(scale), "--sampler", sampler,
-                                           "--H", str(CANVAS), "--W", str(CANVAS)])
+    opt = SampleOptions(ddim_steps=steps, scale=scale, sampler=sampler, H=CANVAS, W=CANVAS)
 
     def generate(prompt, n):
         g = torch.Generator().manual_seed(seed)
-        return txt2img.to_uint8(txt2img.sample_batch(model, [prompt] * n, opt, g))
+        return to_uint8(sample_batch(model, [prompt] * n, opt, g))
     return generate
 
 

@@ -12,18 +12,16 @@ refuses a token already in its vocabulary, such as '*'). The destination is neve
 concept folder holding it); an existing destination file is replaced only with --overwrite. A mistake is one
 `error:` line and exit status 2 (--debug: the full traceback).
 """
-import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a fresh clone
 
-from ldm.cli import run_command  # noqa: E402
-from ldm.modules.embedding_formats import FORMATS, read_embeddings, write_embeddings  # noqa: E402
+from ldm.cli import ArgumentParser, run_command
+from ldm.modules.embedding_formats import FORMATS, read_embeddings, write_embeddings
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="check/convert_embedding.py", description=__doc__)
     parser.add_argument("src", help="embedding file (or diffusers concept folder) in any supported format")
     parser.add_argument("dst", help="output file (.pt or .safetensors), or a folder for --to diffusers")
     parser.add_argument("--to", required=True, choices=FORMATS, help="output format")

@@ -10,7 +10,7 @@ Two axes, both measured with a local CLIP model (--clip; no hub is reached):
   the CLIP image embeddings of its samples and the CLIP text embedding of the prompt without the placeholder
   ("a photo of on the beach"), averaged over the prompts.
 Where --images holds a concept.json of the shapes world (dataset/<concept>/), the attribute readers' fidelity and
-editability of check/concept_eval.py are added, on the same samples.
+editability of ldm.data.shapes.scores are added, on the same samples.
 
 A run folder is evaluated at each embeddings_gs-<step>.pt and at its final embeddings.pt (where that differs from
 every step's file), all from the same noise, so that the table and the plot show which step's embedding to keep.
@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections import namedtuple
 
 import numpy as np
@@ -34,16 +33,15 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check.clip_similarity import clip_pixels  # noqa: E402
-from check.concept_eval import FIDELITY_PROMPT, evaluate_concept, format_table, read_spec  # noqa: E402
-from ldm.cli import UsageError, one_line, run_command  # noqa: E402
-from ldm.config_check import untrusted_targets  # noqa: E402
-from ldm.data.images import list_images, load_rgb  # noqa: E402
-from ldm.models.diffusion.sampling import SAMPLERS, SPACINGS, sample_latents  # noqa: E402
-from ldm.util import atomic_path, require_finite, require_positive  # noqa: E402
-from load import load_model_from_config, load_state_dict_into, read_config  # noqa: E402
+from check.clip_similarity import clip_pixels
+from ldm.data.shapes.scores import FIDELITY_PROMPT, evaluate_concept, format_table, read_spec
+from ldm.cli import UsageError, one_line, run_command
+from ldm.config_check import untrusted_targets
+from ldm.data.images import list_images, load_rgb
+from ldm.models.diffusion.sampling import SAMPLERS, SPACINGS, sample_latents
+from ldm.util import atomic_path, require_finite, require_positive
+from ldm.checkpoints import load_model_from_config, load_state_dict_into, read_config
 
 log = logging.getLogger("evaluate")
 

@@ -8,16 +8,14 @@ For an autoencoder run it also prints the latent scale factor (1 / std of latent
 """
 import functools
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS  # noqa: E402
-from ldm.util import atomic_path, instantiate_from_config  # noqa: E402
-from load import read_state_dict  # noqa: E402
+from ldm.cli import ArgumentParser, UsageError, run_command
+from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
+from ldm.util import atomic_path, instantiate_from_config
+from ldm.checkpoints import read_state_dict
 
 
 def checkpoint_of(path):
@@ -40,7 +38,7 @@ def latent_scale_factor(run_dir, n=512):
     from omegaconf import OmegaConf
 
     from ldm.models.autoencoder import images_from_batch
-    from load import load_model_from_config
+    from ldm.checkpoints import load_model_from_config
 
     configs = sorted(glob(os.path.join(run_dir, "configs", "*-project.yaml")))
     if not configs:

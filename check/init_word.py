@@ -5,16 +5,14 @@
 """
 import functools
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a fresh clone
 
-from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from ldm.modules.encoders.modules import BERTEmbedder  # noqa: E402
-from ldm.util import require_positive  # noqa: E402
+from ldm.cli import ArgumentParser, UsageError, run_command
+from ldm.modules.encoders.modules import BERTEmbedder
+from ldm.util import require_positive
 
 
 def parse_args(argv=None):
@@ -36,7 +34,7 @@ def parse_args(argv=None):
 def load_embedder(args):
     """The checkpoint's text encoder, or a weightless one (meta device) that can only tokenize."""
     if args.ckpt:
-        from load import load_model_from_config, read_config
+        from ldm.checkpoints import load_model_from_config, read_config
 
         return load_model_from_config(read_config(args.config), args.ckpt).cond_stage_model
     with torch.device("meta"):

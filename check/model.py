@@ -7,15 +7,13 @@ config is checked in seconds.
 """
 import functools
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
-from load import load_state_dict_into, read_config  # noqa: E402
+from ldm.cli import ArgumentParser, UsageError, run_command
+from ldm.util import instantiate_from_config
+from ldm.checkpoints import load_state_dict_into, read_config
 
 
 def count(module):

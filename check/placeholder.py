@@ -12,12 +12,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a fresh clone
 
-from ldm.cli import ArgumentParser, run_command  # noqa: E402
-from ldm.modules.embedding_formats import read_embeddings  # noqa: E402
-from ldm.modules.embedding_manager import EmbeddingManager  # noqa: E402
-from ldm.modules.encoders.modules import BERTEmbedder  # noqa: E402
+from ldm.cli import ArgumentParser, run_command
+from ldm.modules.embedding_formats import read_embeddings
+from ldm.modules.embedding_manager import EmbeddingManager
+from ldm.modules.encoders.modules import BERTEmbedder
 
 
 def parse_args(argv=None):
@@ -38,7 +37,7 @@ def load_embedder_and_manager(args):
     """(BERTEmbedder, EmbeddingManager holding the file's vectors), both in eval mode."""
     width = next(iter(read_embeddings(args.embedding).vectors.values())).shape[-1]
     if args.ckpt:
-        from load import load_model_from_config, read_config
+        from ldm.checkpoints import load_model_from_config, read_config
 
         model = load_model_from_config(read_config(args.config), args.ckpt)
         embedder, manager = model.cond_stage_model, model.embedding_manager

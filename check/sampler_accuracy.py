@@ -12,16 +12,14 @@ Prompts: "a photo of a *" and "a photo of a blue *" with --embedding, and two pl
 """
 import functools
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check.concept_table import load_ti_model  # noqa: E402
-from ldm.cli import ArgumentParser, run_command  # noqa: E402
-from ldm.models.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, SPACINGS, sample_latents  # noqa: E402
-from ldm.util import require_finite, require_positive  # noqa: E402
+from check.concept_table import load_ti_model
+from ldm.cli import ArgumentParser, run_command
+from ldm.models.diffusion.sampling import DEFAULT_SPACING, SAMPLERS, SPACINGS, sample_latents
+from ldm.util import require_finite, require_positive
 
 PLAIN = ["a photo of a red circle", "a photo of a green square"]
 WITH_PLACEHOLDER = ["a photo of a *", "a photo of a blue *"]

@@ -11,21 +11,19 @@ eps-MSE) cannot tell those values apart at that t. This is what `train_timesteps
 """
 import functools
 import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check.concept_table import load_specs  # noqa: E402
-from ldm.cli import ArgumentParser, UsageError, run_command  # noqa: E402
-from ldm.data.images import list_images, load_rgb, to_model_range  # noqa: E402
-from ldm.data.personalized import _class_texts  # noqa: E402
-from ldm.data.shapes_palette import SCENE_PHRASE  # noqa: E402
-from ldm.data.shapes_world import CLASS_TEXTS  # noqa: E402
-from ldm.util import require_positive  # noqa: E402
-from load import load_model_from_config, read_config  # noqa: E402
+from check.concept_table import load_specs
+from ldm.cli import ArgumentParser, UsageError, run_command
+from ldm.data.images import list_images, load_rgb, to_model_range
+from ldm.data.personalized import _class_texts
+from ldm.data.shapes.palette import SCENE_PHRASE
+from ldm.data.shapes.world import CLASS_TEXTS
+from ldm.util import require_positive
+from ldm.checkpoints import load_model_from_config, read_config
 
 MODEL_DIR = "models/ldm/tiny-shapes"
 
@@ -53,7 +51,7 @@ def loss_by_t(model, z0, captions, ts, n_noise, seed=0):
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--concept", required=True, help="a folder name under dataset/")
-    p.add_argument("--words", nargs="+", required=True, help="scene words to compare (shapes_palette.SCENES)")
+    p.add_argument("--words", nargs="+", required=True, help="scene words to compare (ldm.data.shapes.palette.SCENES)")
     p.add_argument("--t", type=int, nargs="+", default=[100, 300, 500, 700, 900])
     p.add_argument("--noise", type=int, default=8, help="noise draws per t")
     p.add_argument("--weights", default=f"{MODEL_DIR}/model.safetensors")

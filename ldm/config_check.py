@@ -55,7 +55,7 @@ LIGHTNING_SECTIONS = ("trainer", "callbacks", "modelcheckpoint", "logger")
 # Keys a target node may hold besides target and params, by the node's path; their expected types.
 NODE_EXTRAS = {("model",): {"base_learning_rate": {"int", "float"}}}
 # Keys whose string value the framework imports as a dotted name (get_obj_from_str): targets, and the caption
-# templates of ldm.data.personalized (e.g. templates: ldm.data.shapes_palette.TEMPLATES).
+# templates of ldm.data.personalized (e.g. templates: ldm.data.shapes.palette.TEMPLATES).
 DOTTED_NAME_KEYS = ("target", "templates")
 # String values that stand for "no module" in latent-diffusion configs (instantiate_from_config returns None).
 SENTINELS = ("__is_first_stage__", "__is_unconditional__")
@@ -333,7 +333,7 @@ class _Checker:
                 if problem:
                     self.fail(sub, problem)
             if key in DOTTED_NAME_KEYS and isinstance(value, str) and _DOTTED.fullmatch(value):
-                self.import_target(sub, value)  # e.g. templates: ldm.data.shapes_palette.TEMPLATES
+                self.import_target(sub, value)  # e.g. templates: ldm.data.shapes.palette.TEMPLATES
             self.nested(sub, value)
 
     def nested(self, path, value):

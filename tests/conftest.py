@@ -89,7 +89,7 @@ def tiny_concept(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def train_tiny(ckpt):
-    """train_tiny(images, logdir, *extra, overlays=()) -> train_new.Run: TI on the reference tiny LDM."""
+    """train_tiny(images, logdir, *extra, overlays=()) -> ldm.training.Run: TI on the reference tiny LDM."""
     import train_new
 
     def train(images, logdir, *extra, overlays=()):

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import txt2img
 from ldm.models.autoregressive.sampling import filter_logits
 from ldm.models.autoregressive.transformer import ImageTokenTransformer
-from ldm.modules.encoders.t5_tiny import world_captions, write_tiny_t5
+from ldm.data.shapes.t5 import world_captions, write_tiny_t5
 
 AR_CONFIG = "models/ar/tiny-shapes/config.yaml"
 AR_CONFIGS = {"raster": AR_CONFIG, "next-scale": "models/ar/tiny-shapes-scales/config.yaml"}

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from check.clip_similarity import ClipImageSimilarity
-from check.concept_eval import evaluate_concept
-from ldm.data.shapes_concepts import CONCEPTS
-from ldm.data.shapes_world import render
+from ldm.data.shapes.scores import evaluate_concept
+from ldm.data.shapes.concepts import CONCEPTS
+from ldm.data.shapes.world import render
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from check.concept_eval import (concept_fidelity, edit_success, evaluate_concept, evaluation_rows, format_table,
-                                main, per_attribute_match)
+from check.concept_eval import main
+from ldm.data.shapes.scores import (concept_fidelity, edit_success, evaluate_concept, evaluation_rows, format_table,
+                                    per_attribute_match)
 from ldm.data.mask_ops import erode, erode_round, fill_holes, label_components, largest_component
-from ldm.data.shapes_concepts import CONCEPTS
-from ldm.data.shapes_palette import ATTRIBUTES, BACKGROUNDS, VALUES
-from ldm.data.shapes_readers import read_attributes
-from ldm.data.shapes_world import render, sample_attributes
+from ldm.data.shapes.concepts import CONCEPTS
+from ldm.data.shapes.palette import ATTRIBUTES, BACKGROUNDS, VALUES
+from ldm.data.shapes.readers import read_attributes
+from ldm.data.shapes.world import render, sample_attributes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = CONCEPTS[0]  # checker circle, black outline, slate background, in any colour
@@ -60,7 +61,7 @@ def test_readers_survive_mild_degradation():
 
 def test_outline_reader_is_not_fooled_by_dark_bands_at_the_edge(monkeypatch):
     """The model draws a pattern's dark phase darker than the palette: a dark band along an edge is no outline."""
-    import ldm.data.shapes_draw as draw
+    import ldm.data.shapes.draw as draw
 
     monkeypatch.setattr(draw, "DARK_PHASE", 0.3)  # the palette's is 0.5
     right = []

@@ -184,8 +184,8 @@ BAD = [  # (id, dotlist, what the line must hold)
       "did you mean ldm.modules.encoders.modules.BERTEmbedder?"]),
     ("target-module", ["model.target=nosuch_package_xyz.Model"],
      ["model.target: cannot import module 'nosuch_package_xyz'", "(the command line)"]),
-    ("templates", ["data.params.train.params.templates=ldm.data.shapes_palette.TEMPLATE"],
-     ["data.params.train.params.templates:", "did you mean ldm.data.shapes_palette.TEMPLATES?"]),
+    ("templates", ["data.params.train.params.templates=ldm.data.shapes.palette.TEMPLATE"],
+     ["data.params.train.params.templates:", "did you mean ldm.data.shapes.palette.TEMPLATES?"]),
     ("params-not-mapping", ["model.params.first_stage_config.params=7"],
      ["model.params.first_stage_config.params: expected a mapping", "got 7 (the command line)"]),
 ]

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import merge_embeddings
+from ldm.merge import merge
 from check import convert_embedding
 from ldm.modules.embedding_formats import HASH_KEY, Embeddings, read_embeddings, write_embeddings
 from ldm.modules.embedding_manager import EmbeddingManager
@@ -271,7 +272,7 @@ def test_merge_refusals_are_one_line_and_write_nothing(tmp_path, capsys, second,
 def test_merge_needs_one_encoder_and_injection(tmp_path, width, injection, message):
     a = write_original(tmp_path / "a.pt", ["<a>"])
     b = write_original(tmp_path / "b.pt", ["<b>"], width, injection)
-    one_line_error(lambda: merge_embeddings.merge([a, b]), message)
+    one_line_error(lambda: merge([a, b]), message)
 
 
 def test_safetensors_original_keeps_output_fields(tmp_path):

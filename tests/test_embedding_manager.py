@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ldm.data.personalized import PER_IMAGE_TOKENS
+from ldm.modules.placeholders import PER_IMAGE_TOKENS
 from ldm.modules.embedding_manager import EmbeddingManager
 
 TOL = dict(atol=1e-5, rtol=1e-5)

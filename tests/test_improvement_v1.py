@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import txt2img
+from ldm.inference import load_model, load_modules
 from improvement.v1.post_BERT import PostBERTEmbedder
 from train_new_v1 import V1
 
@@ -49,7 +50,7 @@ def test_modules_file_beside_the_embedding_loads_back(both, ckpt):
     assert os.path.exists(os.path.join(ckdir, "modules_gs-4.safetensors"))
     opt = txt2img.get_parser().parse_args(["--config", CONFIG, V1, "--ckpt_path", ckpt, "--device", "cpu",
                                            "--embedding_path", os.path.join(ckdir, "embeddings.pt")])
-    state = txt2img.load_model(opt).state_dict()
+    state = load_model(opt).state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
 
 
@@ -57,7 +58,7 @@ def test_modules_of_another_model_are_refused(both, tmp_path):
     bad = tmp_path / "modules.safetensors"
     save_file({"cond_stage_model.adapter.up.weight": torch.zeros(5, 5)}, str(bad))
     with pytest.raises(ValueError, match="holds modules of another model"):
-        txt2img.load_modules(both.model, str(bad))
+        load_modules(both.model, str(bad))
 
 
 def test_adapter_only_keeps_the_vector(train_tiny, tiny_concept, ckpt, tmp_path):

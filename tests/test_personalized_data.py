@@ -74,9 +74,9 @@ def test_class_text_p_leaves_the_words_out_of_a_share_of_captions(folder):
 
 
 def test_templates_option(folder):
-    from ldm.data.shapes_palette import TEMPLATES
+    from ldm.data.shapes.palette import TEMPLATES
 
-    named = PersonalizedBase(str(folder), templates="ldm.data.shapes_palette.TEMPLATES")
+    named = PersonalizedBase(str(folder), templates="ldm.data.shapes.palette.TEMPLATES")
     assert named.templates == TEMPLATES and type(PersonalizedBase(str(folder)).templates) is tuple
     assert all(named[i]["caption"].replace("*", "{}") in TEMPLATES for i in range(20))
     listed = PersonalizedBase(str(folder), templates=["a render of {}"], placeholder_token="S*")
@@ -115,12 +115,14 @@ def test_an_image_equal_to_its_flip_has_one_key(tmp_path):
 
 
 def test_without_memo_every_item_reads_its_file(folder, monkeypatch):
-    monkeypatch.setattr(PersonalizedBase, "memoise", False)
-    data = PersonalizedBase(str(folder), size=16, flip_p=0.0)
-    reads = []
-    monkeypatch.setattr("ldm.data.personalized.load_rgb",
-                        lambda path: reads.append(path) or np.zeros((4, 4, 3), np.uint8))
-    item = data[0]
+    from ldm.implementation import Implementation, using
+
+    with using(Implementation(memoise_images=False)):
+        data = PersonalizedBase(str(folder), size=16, flip_p=0.0)
+        reads = []
+        monkeypatch.setattr("ldm.data.personalized.load_rgb",
+                            lambda path: reads.append(path) or np.zeros((4, 4, 3), np.uint8))
+        item = data[0]
     assert reads == [data.image_paths[0]] and "image_key" not in item and item["image"].shape == (16, 16, 3)
 
 

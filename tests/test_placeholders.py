@@ -172,27 +172,28 @@ def test_a_placeholder_no_manager_holds_is_one_clear_line(make_encoder):
 
 
 def test_txt2img_warns_when_the_prompt_lacks_a_multi_token_placeholder(make_encoder, caplog):
-    import txt2img
+    from ldm.inference import warn_missing_placeholder
 
     class Model:
         embedding_manager = EmbeddingManager(make_encoder("clip"), ["<cat-toy>"], ["toy"])
 
     with caplog.at_level(logging.WARNING):
-        txt2img.warn_missing_placeholder(Model, "a photo of a cat toy")
+        warn_missing_placeholder(Model, "a photo of a cat toy")
     assert "does not contain the learned placeholder <cat-toy>" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        txt2img.warn_missing_placeholder(Model, "a photo of <cat-toy>")
+        warn_missing_placeholder(Model, "a photo of <cat-toy>")
     assert not caplog.text
 
 
 def test_train_new_allow_existing_token_flag():
     import train_new
+    from ldm.training import TrainOptions, build_config
 
     base = ["--base", "configs/stable-diffusion/v1-finetune.yaml", "--placeholder_string", "sks"]
     for extra, expected in (([], False), (["--allow_existing_token"], True)):
         opt, dotlist = train_new.get_parser().parse_known_args(base + extra)
-        config = train_new.build_config(opt, dotlist)
+        config = build_config(TrainOptions(**vars(opt)), dotlist)
         assert config.model.params.personalization_config.params.allow_existing_token is expected
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.data.shapes_concepts import CONCEPT_ATTRIBUTES, CONCEPT_TUPLES, CONCEPTS, concept_key
-from ldm.data.shapes_palette import NAMED, SCENE_PHRASE, SCENES, TEMPLATES, UNNAMED, VALUES
-from ldm.data.shapes_readers import read_attributes
-from ldm.data.shapes_world import ShapesWorld, caption, render, sample_attributes, write_concept_dataset
+from ldm.data.shapes.concepts import CONCEPT_ATTRIBUTES, CONCEPT_TUPLES, CONCEPTS, concept_key
+from ldm.data.shapes.palette import NAMED, SCENE_PHRASE, SCENES, TEMPLATES, UNNAMED, VALUES
+from ldm.data.shapes.readers import read_attributes
+from ldm.data.shapes.world import ShapesWorld, caption, render, sample_attributes, write_concept_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -75,7 +75,8 @@ def test_frozen_conv_keeps_only_its_weight_and_gives_the_same_input_gradient(mon
     assert (2, 8, 9, 9) in saved_shapes_and_grad()[0]
 
 
-def test_spatial_transformer_projections_as_matrix_products_match_the_convolutions(monkeypatch):
+def test_spatial_transformer_projections_as_matrix_products_match_the_convolutions():
+    from ldm.implementation import Implementation, using
     from ldm.modules.attention import SpatialTransformer
 
     torch.manual_seed(0)
@@ -84,8 +85,8 @@ def test_spatial_transformer_projections_as_matrix_products_match_the_convolutio
     x, context = torch.randn(2, 32, 4, 5), torch.randn(2, 7, 24)
     outputs = []
     for linear in (True, False):
-        monkeypatch.setattr(SpatialTransformer, "linear_projections", linear)
-        outputs.append(block(x, context))
+        with using(Implementation(linear_projections=linear)):
+            outputs.append(block(x, context))
     assert outputs[0].shape == x.shape and torch.allclose(outputs[0], outputs[1], atol=1e-5)
     assert (outputs[0] - x).abs().max() > 0.1
 

@@ -5,7 +5,7 @@ import torch
 from ldm.models.diffusion.sampling import guided_eps
 from ldm.modules.embedding_formats import EmbeddingFileError, read_embeddings, write_embeddings
 from ldm.modules.embedding_manager import EmbeddingManager
-from merge_embeddings import merge
+from ldm.merge import merge
 
 BANDS = "model.params.personalization_config.params.timestep_bands=[400]"
 
@@ -26,9 +26,8 @@ def test_manager_holds_one_set_per_band_and_writes_the_current_one(tiny_bert):
     tokens = tiny_bert.tokenize(["a photo of *"])
     written = []
     for band in (0, 1):
-        manager.band = band
         edited = tokens.clone()
-        written.append(manager.input_seam(edited, tiny_bert.token_embedding))
+        written.append(manager.input_seam(edited, tiny_bert.token_embedding, band=band))
     at_star = torch.isin(edited, torch.tensor(manager.placeholder_ids["*"]))
     assert at_star.sum() == 2
     diff = written[1] - written[0]

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import txt2img
+from ldm import inference
 from ldm.util import next_number, write_numbered
 from test_checkpoint_loading import (make_empty, make_folder, make_os_system, make_png, make_safetensors_bad_header,
                                      make_truncated_zip)
@@ -166,7 +167,7 @@ def test_two_runs_into_one_outdir_keep_every_image(ckpt, tmp_path):
     ("a" + "고양이" * 50, ("a" + "고양이" * 50)[:40]),  # 120 bytes of UTF-8 at most, no character cut in half
 ])
 def test_slug_is_a_file_name_every_os_accepts(prompt, name):
-    slug = txt2img.slug(prompt)
+    slug = inference.slug(prompt)
     assert slug == name
     assert not set(slug) & set('<>:"/\\|?*') and len(slug.encode()) <= 120
 

@@ -62,6 +62,6 @@ class PostBERTEmbedder(BERTEmbedder):
         self.adapter = Adapter(n_embed, adapter_dim)
         self.post_block = PostBlock(n_embed, block_heads, block_dim_head)
 
-    def forward(self, text, embedding_manager=None):
-        """text: list of B str -> (B, T, n_embed)"""
-        return self.post_block(self.adapter(super().forward(text, embedding_manager=embedding_manager)))
+    def forward(self, text, embedding_manager=None, band=0):
+        """text: list of B str -> (B, T, n_embed); band: the manager's timestep band (int or (B,) int64)"""
+        return self.post_block(self.adapter(super().forward(text, embedding_manager=embedding_manager, band=band)))

@@ -1,6 +1,6 @@
 """The Korean–English pair corpus of improvement v2: the TI templates and the shapes world's vocabulary.
 
-Every English template of `ldm.data.shapes_palette.TEMPLATES`, colour, shape and scene phrase has a
+Every English template of `ldm.data.shapes.palette.TEMPLATES`, colour, shape and scene phrase has a
 hand-written Korean counterpart below. Korean puts the object before its genitive ("빨간 원의 사진",
 "red circle's photo") and the scene before the object ("부엌에 있는 빨간 원", "red circle that is in
 the kitchen"); articles have no Korean word, so "the" is rendered by 그 where it tells templates apart.
@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from ldm.data.shapes_palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES, TEMPLATES
+from ldm.data.shapes.palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES, TEMPLATES
 from ldm.util import atomic_path
 
 PLACEHOLDER = "*"
@@ -128,7 +128,7 @@ def translate_prompt(prompt):
             if words[-1] in SHAPES or words[-1] == PLACEHOLDER:
                 return korean(template, colour, words[-1], scene)
     raise ValueError(f"'{prompt}' is not a shapes-world prompt the corpus can translate: use a template of "
-                     "ldm.data.shapes_palette.TEMPLATES with '[colour] shape-or-*' and an optional scene")
+                     "ldm.data.shapes.palette.TEMPLATES with '[colour] shape-or-*' and an optional scene")
 
 
 def main(argv=None):

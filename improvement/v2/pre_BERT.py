@@ -17,16 +17,17 @@ from ldm.modules.encoders.base import load_pretrained
 from ldm.modules.encoders.modules import BERTEmbedder
 
 
-def encode_embedded(tokens, embeds, body, manager=None):
+def encode_embedded(tokens, embeds, body, manager=None, band=0):
     """`encode_tokens` for token embeddings made elsewhere.
 
-    tokens: (B, T) int64 marking where placeholders stand, embeds: (B, T, D), body: (B, T, D) -> (B, T, D).
+    tokens: (B, T) int64 marking where placeholders stand, embeds: (B, T, D), body: (B, T, D) -> (B, T, D);
+    band: the manager's timestep band (int or (B,) int64).
     """
     if manager is None:
         return body(embeds)
     with torch.set_grad_enabled(torch.is_grad_enabled() and manager.backprop_through_encoder):
-        states = body(manager(tokens, embeds))
-    return manager.output_seam(tokens, states)
+        states = body(manager(tokens, embeds, band=band))
+    return manager.output_seam(tokens, states, band)
 
 
 def build_pre_encoder(spec):
@@ -112,13 +113,14 @@ class MultilingualBERTEmbedder(BERTEmbedder):
         """text: list of B str -> aligner logits (B, 77, V) over `aligner.target_ids`."""
         return self.aligner(*self.source_states(text))
 
-    def forward(self, text, embedding_manager=None):
-        """text: list of B str in any language the pre-encoder was aligned on -> (B, 77, n_embed)"""
+    def forward(self, text, embedding_manager=None, band=0):
+        """text: list of B str in any language the pre-encoder was aligned on -> (B, 77, n_embed); band: the
+        manager's timestep band (int or (B,) int64)"""
         if isinstance(text, str):
             text = [text]
         ids, embeds = self.aligner.decode(self.align(text), self.token_embedding, self.decode)
-        return encode_embedded(ids, embeds, self.transformer.encode_embeddings, embedding_manager)
+        return encode_embedded(ids, embeds, self.transformer.encode_embeddings, embedding_manager, band)
 
-    def english(self, text, embedding_manager=None):
+    def english(self, text, embedding_manager=None, band=0):
         """The plain LDM BERT path (the alignment target): English text -> (B, 77, n_embed)."""
-        return super().forward(text, embedding_manager=embedding_manager)
+        return super().forward(text, embedding_manager=embedding_manager, band=band)

@@ -12,20 +12,18 @@ The pre-encoder trains with the aligner when it is built from a config (random i
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from improvement.v2.aligner import alignment_losses  # noqa: E402
-from improvement.v2.corpus import read_pairs  # noqa: E402
-from improvement.v2.pre_BERT import SPECIAL_TOKENS  # noqa: E402
-from ldm.util import atomic_path, atomic_write_text, instantiate_from_config  # noqa: E402
-from load import read_state_dict  # noqa: E402
+from improvement.v2.aligner import alignment_losses
+from improvement.v2.corpus import read_pairs
+from improvement.v2.pre_BERT import SPECIAL_TOKENS
+from ldm.util import atomic_path, atomic_write_text, instantiate_from_config
+from ldm.checkpoints import read_state_dict
 
 MODEL = "models/ldm/tiny-shapes"
 

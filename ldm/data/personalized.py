@@ -8,13 +8,10 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ldm.data.images import center_crop, list_images, load_rgb, resampling_filter, resize_square, to_model_range
+from ldm.implementation import current
+from ldm.modules.placeholders import PER_IMAGE_TOKENS
 from ldm.util import get_obj_from_str
 
-# Rare characters that are single tokens in both the BERT and CLIP vocabularies; with per_image_tokens
-# image i also gets its own placeholder PER_IMAGE_TOKENS[i] (the reference's per-image list).
-PER_IMAGE_TOKENS = (
-    "א", "ב", "ג", "ד", "ה", "ו", "ז", "ח", "ט", "י", "כ", "ל", "מ", "נ", "ס", "ע", "פ", "צ", "ק", "ר", "ש", "ת",
-)
 
 _PHOTO_TEMPLATES = (
     "a photo of a {}",
@@ -114,12 +111,11 @@ class PersonalizedBase(Dataset):
     so that the placeholder also works without them ("a photo of a *").
     `templates` replaces the class's caption templates: a list of strings with one "{}", or the dotted
     name of such a tuple (a world whose text encoder never saw the ImageNet templates' words uses its
-    own, e.g. ldm.data.shapes_palette.TEMPLATES).
+    own, e.g. ldm.data.shapes.palette.TEMPLATES).
     """
 
     templates = IMAGENET_TEMPLATES_SMALL
     dual_templates = IMAGENET_DUAL_TEMPLATES_SMALL
-    memoise = True  # keep each image decoded, cropped and resized (False: read at every item, as the reference)
     memo_bytes = 2 ** 30  # images past this many bytes of memo are read at every item
 
     def __init__(self, data_root, size=None, repeats=100, interpolation="bicubic", flip_p=0.5, set="train",
@@ -166,16 +162,18 @@ class PersonalizedBase(Dataset):
 
     def prepared(self, image_index):
         """-> (H, W, 3) uint8 cropped and resized as configured, and the digests of its content as it is and
-        flipped (None without `memoise`); while `memoise` these are kept in memory (within `memo_bytes`), so that
-        each file is decoded and resized once per run."""
-        if self.memoise and image_index in self._prepared:
+        flipped (None without `Implementation.memoise_images`); with it these are kept in memory (within
+        `memo_bytes`), so that each file is decoded and resized once per run (without: read at every item, as the
+        reference)."""
+        memoise = current().memoise_images
+        if memoise and image_index in self._prepared:
             return self._prepared[image_index]
         array = load_rgb(self.image_paths[image_index])
         if self.center_crop:
             array = center_crop(array)
         if self.size is not None:
             array = resize_square(array, self.size, self.resample)
-        if not self.memoise:
+        if not memoise:
             return array, None
         entry = array, tuple(_digest(a) for a in (array, array[:, ::-1]))
         if self._prepared_bytes + array.nbytes <= self.memo_bytes:

@@ -65,7 +65,7 @@ class AutoencoderKL(_FirstStage):
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
         if ckpt_path is not None:
-            from load import load_state_dict_into
+            from ldm.checkpoints import load_state_dict_into
             load_state_dict_into(self, ckpt_path, ignore_prefixes=ignore_keys)
 
     def encode(self, x):
@@ -100,7 +100,7 @@ class VQModel(_FirstStage):
         self.quant_conv = nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         if ckpt_path is not None:
-            from load import load_state_dict_into
+            from ldm.checkpoints import load_state_dict_into
             load_state_dict_into(self, ckpt_path, ignore_prefixes=ignore_keys)
 
     def encode(self, x):
@@ -150,7 +150,7 @@ class MultiScaleVQModel(VQModel):
         from ldm.modules.multiscale_quantize import MultiScaleQuantizer
 
         self.quantize = MultiScaleQuantizer(n_embed, embed_dim, scales, beta=beta, phi_ratio=phi_ratio)
-        from load import load_state_dict_into, warm_start
+        from ldm.checkpoints import load_state_dict_into, warm_start
         if init_ckpt is not None:
             warm_start(self, init_ckpt)
         if ckpt_path is not None:

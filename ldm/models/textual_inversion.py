@@ -132,14 +132,8 @@ class TextConditionedModel(pl.LightningModule):
         return context[torch.tensor([rows[key] for key in keys], device=context.device)]
 
     def _encode(self, captions, band):
-        if self.num_bands == 1:
-            return self.cond_stage_model.encode(captions, embedding_manager=self.embedding_manager)
-        manager = self.embedding_manager
-        manager.band = band
-        try:
-            return self.cond_stage_model.encode(captions, embedding_manager=manager)
-        finally:
-            manager.band = 0
+        """captions: B strings, band: int or (B,) int64 -> (B, T, D), through the manager's vectors of `band`."""
+        return self.cond_stage_model.encode(captions, embedding_manager=self.embedding_manager, band=band)
 
     @property
     def num_bands(self):

@@ -1,11 +1,18 @@
 """Cross-attention and the SpatialTransformer of the LDM UNet.
 
-Attention runs through `scaled_dot_product_attention`; `CrossAttention.use_sdpa = False` switches every
-instance to the explicit einsum/softmax path of the reference code (used by the benchmark baseline).
-Inside `reuse_context_projections(store)` (no autograd) each cross-attention layer projects a given
-context to keys and values once and reuses them: a sampler conditions every step on the same context.
+Which way attention, the 1x1 projections and GEGLU run is the active `ldm.implementation.Implementation`'s choice
+(ours: scaled_dot_product_attention, matrix products, the lean GEGLU; the reference's: einsum/softmax,
+convolutions, autograd's graph).
+
+Inside `reuse_context_projections(store)` (no autograd) each cross-attention layer projects a given context to
+keys and values once and reuses them: a sampler conditions every step on the same context. The store is the one
+piece of dynamic scope here, and on purpose: a sampler reaches the UNet only through the eps-model contract
+`apply_model(x, t, c)` (any object with that method, as the reference's samplers take it), so nothing but x, t
+and the context can pass through the call. It is context-local (a ContextVar): two threads sampling at once keep
+their own stores.
 """
 import contextlib
+import contextvars
 import math
 
 import torch
@@ -13,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ldm.implementation import current
 from ldm.modules.diffusionmodules.util import Conv2d, checkpoint, linear_recipe, recompute_saved
 
 
@@ -27,24 +35,21 @@ def attention(q, k, v, heads, use_sdpa=True):
     return rearrange(out, "b h n d -> b n (h d)")
 
 
-_PROJECTIONS = None  # the active store of reuse_context_projections: {layer: (context, k, v)}
+_projections = contextvars.ContextVar("context_projections", default=None)  # {layer: (context, k, v)} or None
 
 
 @contextlib.contextmanager
 def reuse_context_projections(store):
     """Within the block, cross-attention layers keep their keys/values of a context in `store` (a dict the
     caller holds across calls) and reuse them while the same context tensor comes back. Only without autograd."""
-    global _PROJECTIONS
-    previous, _PROJECTIONS = _PROJECTIONS, store
+    token = _projections.set(store)
     try:
         yield store
     finally:
-        _PROJECTIONS = previous
+        _projections.reset(token)
 
 
 class CrossAttention(nn.Module):
-    use_sdpa = True
-
     def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0.0):
         super().__init__()
         inner = heads * dim_head
@@ -68,12 +73,12 @@ class CrossAttention(nn.Module):
             recipes = {k: linear_recipe(self.to_k, context), v: linear_recipe(self.to_v, context)}
         q = self.to_q(x)
         with recompute_saved(recipes):
-            out = attention(q, k, v, self.heads, self.use_sdpa)
+            out = attention(q, k, v, self.heads, current().sdpa)
         return self.to_out(out)
 
     def context_projections(self, context):
         """context: (B, M, Cc) -> keys, values (B, M, H*d); from the active store when it holds this context."""
-        store = _PROJECTIONS if not torch.is_grad_enabled() else None
+        store = None if torch.is_grad_enabled() else _projections.get()
         if store is not None and self in store and store[self][0] is context:
             return store[self][1:]
         k, v = self.to_k(context), self.to_v(context)
@@ -102,8 +107,8 @@ class GatedGELU(torch.autograd.Function):
 
 
 class GEGLU(nn.Module):
-    """`GEGLU.fused = False` runs the reference's autograd graph (the benchmark baseline); the values are the same."""
-    fused = True
+    """x: (..., dim_in) -> (..., dim_out), gated by GELU; `Implementation.fused_geglu` off runs the reference's autograd
+    graph (the benchmark baseline): the same values, more memory kept for backward."""
 
     def __init__(self, dim_in, dim_out):
         super().__init__()
@@ -111,7 +116,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x):
         h = self.proj(x)
-        if self.fused and torch.is_grad_enabled() and h.requires_grad:
+        if current().fused_geglu and torch.is_grad_enabled() and h.requires_grad:
             with recompute_saved({h: linear_recipe(self.proj, x)}):  # h is 2 * dim_out / dim_in times x's size
                 return GatedGELU.apply(h)
         x, gate = h.chunk(2, dim=-1)
@@ -157,11 +162,10 @@ class SpatialTransformer(nn.Module):
     """GN -> 1x1 proj_in -> tokens -> transformer blocks -> 1x1 proj_out (zero-init) -> + input.
 
     The 1x1 projections run as matrix products on the (B, H*W, C) tokens: the same weights without a
-    convolution's layout work. `SpatialTransformer.linear_projections = False` runs them as the reference's
-    convolutions (the benchmark baseline). use_linear (SD 2.x's use_linear_in_transformer) stores them as
-    nn.Linear, weights (C_out, C_in) instead of (C_out, C_in, 1, 1): the same function.
+    convolution's layout work; `Implementation.linear_projections` off runs them as the reference's convolutions
+    (the benchmark baseline). use_linear (SD 2.x's use_linear_in_transformer) stores them as nn.Linear, weights
+    (C_out, C_in) instead of (C_out, C_in, 1, 1): the same function.
     """
-    linear_projections = True
 
     def __init__(self, in_channels, n_heads, d_head, depth=1, dropout=0.0, context_dim=None, checkpoint=True,
                  use_linear=False):
@@ -184,7 +188,7 @@ class SpatialTransformer(nn.Module):
 
     def _pointwise(self, conv, tokens, h, w):
         """tokens: (B, H*W, C_in) -> (B, H*W, C_out) through `conv`, a 1x1 convolution or an nn.Linear."""
-        if self.linear_projections or isinstance(conv, nn.Linear):
+        if current().linear_projections or isinstance(conv, nn.Linear):
             return F.linear(tokens, conv.weight.flatten(1), conv.bias)
         return rearrange(conv(rearrange(tokens, "b (h w) c -> b c h w", h=h, w=w)), "b c h w -> b (h w) c")
 

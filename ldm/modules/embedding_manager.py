@@ -1,7 +1,13 @@
 """Textual inversion: learned vectors that stand in for placeholder tokens in a text encoder.
 
-The manager meets a text encoder at one seam (ldm.modules.encoders.base.encode_tokens) and knows
-nothing of the diffusion model. Two injection points, chosen in the config:
+The manager meets a text encoder at one seam (ldm.modules.encoders.base.encode_tokens, through its `input_seam`
+and `output_seam`) and knows nothing of the diffusion model; on token embeddings made elsewhere it is called as
+
+    manager(tokens: (B, T) int64, embeds: (B, T, D), band=0) -> (B, T, D)
+
+Every seam takes `band` (an int, or (B,) int64: one per row), the timestep band whose vectors it writes: the
+diffusion model passes it with the captions, `cond_stage_model.encode(captions, embedding_manager=manager,
+band=band)`, and the encoder hands it on. Two injection points, chosen in the config:
 - `input` (the paper): the vectors replace the placeholder's token embeddings; gradients flow
   through the frozen encoder;
 - `output` (seeds/000's design): the vectors replace the encoder's final states at the placeholder's
@@ -16,11 +22,10 @@ import logging
 import torch
 from torch import nn
 
-from ldm.data.personalized import PER_IMAGE_TOKENS
 from ldm.modules.embedding_formats import EmbeddingFileError, Embeddings, band_edges, read_embeddings, write_embeddings
 from ldm.modules.encoders.state_cache import StateCache
 from ldm.modules.placeholder_positions import expand_occurrences, write_vectors
-from ldm.modules.placeholders import INIT_MODES, INJECTIONS, PlaceholderVocabulary
+from ldm.modules.placeholders import INIT_MODES, INJECTIONS, PER_IMAGE_TOKENS, PlaceholderVocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +62,8 @@ class EmbeddingManager(nn.Module):
     positions, later tokens shift right and the row is cut back to T; the token ids are edited in
     place the same way. Names of attributes and files follow the reference implementation.
     With `timestep_bands` (edges e_1 < ... < e_k) the manager holds k + 1 sets of n vectors, one per band
-    of diffusion timesteps [0, e_1), ..., [e_k, T), stacked as (bands * n, D); `band` picks the set written
-    (an int, or a (B,) tensor of one band per row).
+    of diffusion timesteps [0, e_1), ..., [e_k, T), stacked as (bands * n, D); the seams' `band` argument picks the
+    set written (an int, or a (B,) tensor of one band per row).
     """
 
     def __init__(self, embedder, placeholder_strings=("*",), initializer_words=None, per_image_tokens=False,
@@ -81,7 +86,6 @@ class EmbeddingManager(nn.Module):
         self.progressive_words = progressive_words
         self.progressive_counter = 0
         self.timestep_bands = band_edges(timestep_bands)
-        self.band = 0  # which band's vectors `_write` uses (int or (B,) int64); the diffusion model sets it
         self.string_to_token_dict = {}  # placeholder -> () int64, its (first) token id
         self.placeholder_ids = {}  # placeholder -> one token id per vector
         self.context_ids = {}  # placeholder -> the in-table id the encoder looks up at its positions
@@ -122,25 +126,26 @@ class EmbeddingManager(nn.Module):
         self.string_to_param_dict[placeholder] = nn.Parameter(vectors)
 
     # ---- the seams ------------------------------------------------------------------------------
-    def forward(self, tokenized_text, embedded_text):
-        """The input seam on precomputed token embeddings (the reference's signature).
+    def forward(self, tokenized_text, embedded_text, band=0):
+        """The input seam on precomputed token embeddings (the reference's signature, and the timestep band).
 
         tokenized_text: (B, T) int64, rewritten in place when a placeholder has several vectors;
-        embedded_text: (B, T, D) -> (B, T, D).
+        embedded_text: (B, T, D); band: int or (B,) int64 -> (B, T, D).
         """
         for src in self._expand(tokenized_text):
             embedded_text = embedded_text.gather(1, src[..., None].expand(-1, -1, embedded_text.shape[-1]))
-        return self._write(tokenized_text, embedded_text) if self.injection == "input" else embedded_text
+        return self._write(tokenized_text, embedded_text, band) if self.injection == "input" else embedded_text
 
-    def input_seam(self, tokens, token_embedding):
-        """tokens: (B, T) int64 (edited in place), token_embedding: the encoder's nn.Embedding -> (B, T, D).
+    def input_seam(self, tokens, token_embedding, band=0):
+        """tokens: (B, T) int64 (edited in place), token_embedding: the encoder's nn.Embedding, band: int or (B,)
+        int64 -> (B, T, D).
 
         Placeholder ids are looked up as their context id (so that no id past the table reaches it),
-        then, for input injection, overwritten with the vectors.
+        then, for input injection, overwritten with the band's vectors.
         """
         self._expand(tokens)
         embeds = token_embedding(self.context_tokens(tokens))
-        return self._write(tokens, embeds) if self.injection == "input" else embeds
+        return self._write(tokens, embeds, band) if self.injection == "input" else embeds
 
     def frozen_states(self, tokens, token_embedding, body):
         """Output injection's encoder pass: tokens (B, T) int64 (edited in place as by input_seam), token_embedding,
@@ -149,9 +154,10 @@ class EmbeddingManager(nn.Module):
         with torch.no_grad():
             return self.state_cache(self.context_tokens(tokens), lambda ids: body(token_embedding(ids)))
 
-    def output_seam(self, tokens, states):
-        """tokens: (B, T) as left by input_seam, states: (B, T, D) final encoder states -> (B, T, D)."""
-        return self._write(tokens, states) if self.injection == "output" else states
+    def output_seam(self, tokens, states, band=0):
+        """tokens: (B, T) as left by input_seam, states: (B, T, D) final encoder states, band: int or (B,) int64
+        -> (B, T, D)."""
+        return self._write(tokens, states, band) if self.injection == "output" else states
 
     def _expand(self, tokens):
         """Expand multi-vector placeholders in `tokens` (in place) -> one (B, T) gather index per expansion."""
@@ -172,12 +178,12 @@ class EmbeddingManager(nn.Module):
                              f"was replaced by load): load that embedding or drop the word from the prompt")
         return tokens
 
-    def _write(self, tokens, x):
+    def _write(self, tokens, x, band):
         """x: (B, T, D) -> (B, T, D) with each placeholder's active vectors at its positions, of the timestep band
-        `self.band`: one int for every row, or (B,) int64, a band per row."""
+        `band`: one int for every row, or (B,) int64, a band per row."""
         for placeholder, ids in self.placeholder_ids.items():
             sets = self.string_to_param_dict[placeholder].to(x).unflatten(0, (self.num_bands, len(ids)))
-            x = write_vectors(tokens, x, ids, sets[self.band][..., :self._active_vectors(len(ids)), :])
+            x = write_vectors(tokens, x, ids, sets[band][..., :self._active_vectors(len(ids)), :])
         return x
 
     @property
@@ -247,7 +253,7 @@ class EmbeddingManager(nn.Module):
         initial_rows = {s: p[0] for s, p in self.initial_embeddings.items()}
         reference = self.embedding_parameters()[0]
         self.placeholder_ids, self.context_ids, self.string_to_token_dict = {}, {}, {}
-        self.timestep_bands, self.band = bands, 0
+        self.timestep_bands = bands
         self.string_to_param_dict = nn.ParameterDict()
         for placeholder, v in vectors.items():
             context = contexts.get(placeholder, previous[placeholder])

@@ -10,6 +10,11 @@ import torch
 INJECTIONS = ("input", "output")
 INIT_MODES = ("mean", "pieces", "random", "zero")
 INIT_PROMPT = "A photo of a {}"  # output injection starts from the encoder's states of the init word here
+# Rare characters that are single tokens in both the BERT and CLIP vocabularies; with per_image_tokens
+# image i also gets its own placeholder PER_IMAGE_TOKENS[i] (the reference's per-image list).
+PER_IMAGE_TOKENS = (
+    "א", "ב", "ג", "ד", "ה", "ו", "ז", "ח", "ט", "י", "כ", "ל", "מ", "נ", "ס", "ע", "פ", "צ", "ק", "ר", "ש", "ת",
+)
 
 
 def is_word(string):

@@ -8,6 +8,7 @@ LDM checkpoints load strictly (`token_emb`, `pos_emb.emb`, `attn_layers.layers.{
 import torch
 from torch import nn
 
+from ldm.implementation import current
 from ldm.modules.attention import attention
 from ldm.modules.diffusionmodules.util import checkpoint, linear_recipe, recompute_saved
 from ldm.modules.encoders.base import encode_tokens
@@ -30,9 +31,8 @@ class AbsolutePositionalEmbedding(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention without a mask: pad tokens are attended to, as in the reference.
 
-    `Attention.use_sdpa = False` runs the reference's explicit einsum/softmax (the benchmark baseline).
+    `Implementation.sdpa` off runs the reference's explicit einsum/softmax (the benchmark baseline).
     """
-    use_sdpa = True
 
     def __init__(self, dim, heads=8, dim_head=64):
         super().__init__()
@@ -48,7 +48,7 @@ class Attention(nn.Module):
         (each heads * dim_head / D times x's size)."""
         projections = {layer(x): linear_recipe(layer, x) for layer in (self.to_q, self.to_k, self.to_v)}
         with recompute_saved(projections):
-            out = attention(*projections, self.heads, self.use_sdpa)
+            out = attention(*projections, self.heads, current().sdpa)
         return self.to_out(out)
 
 
@@ -118,16 +118,17 @@ class TransformerWrapper(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.to_logits = nn.Linear(dim, num_tokens)
 
-    def forward(self, tokens, return_embeddings=True, embedding_manager=None):
+    def forward(self, tokens, return_embeddings=True, embedding_manager=None, band=0):
         """tokens: (B, T) int64 -> (B, T, D) embeddings, or (B, T, num_tokens) logits.
 
         An `embedding_manager` meets the encoder at its seam (`encode_tokens`): it makes the token
-        embeddings (before the position embedding) and may edit the final states.
+        embeddings (before the position embedding) and may edit the final states, with the vectors of its
+        timestep band `band` (int or (B,) int64).
         """
         if tokens.shape[1] > self.max_seq_len:
             raise ValueError(f"got {tokens.shape[1]} tokens but the text encoder holds at most {self.max_seq_len}: "
                              "truncate the token ids to max_seq_len")
-        x = encode_tokens(tokens, self.token_emb, self.encode_embeddings, embedding_manager)
+        x = encode_tokens(tokens, self.token_emb, self.encode_embeddings, embedding_manager, band)
         return x if return_embeddings else self.to_logits(x)
 
     def encode_embeddings(self, x):

@@ -40,7 +40,7 @@ class ARTextToImage(TextConditionedModel):
                                 trainable_modules)
         if personalization_config is not None:
             self.null_context.requires_grad_(False)
-        from load import load_state_dict_into, warm_start
+        from ldm.checkpoints import load_state_dict_into, warm_start
         if init_ckpt is not None:  # pretraining from a related model's generator and text encoder
             warm_start(self, init_ckpt, skip=("first_stage_model.",))
         if ckpt_path is not None:

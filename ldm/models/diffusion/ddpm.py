@@ -79,7 +79,7 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
                                 trainable_modules)
         self.latent_cache = LatentCache(self.first_stage_model) if latent_cache else None
         if ckpt_path is not None:
-            from load import load_state_dict_into
+            from ldm.checkpoints import load_state_dict_into
             load_state_dict_into(self, ckpt_path, ignore_prefixes=ignore_keys)
         self.channels_last, self.recompute_projections = channels_last, recompute_projections
         if channels_last:

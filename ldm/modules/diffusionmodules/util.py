@@ -1,4 +1,10 @@
-"""Layers and helpers shared by the UNet and the samplers."""
+"""Layers and helpers shared by the UNet and the samplers.
+
+`keeping_saved()` is a dynamic scope on purpose: it must reach whatever code `checkpoint` runs, which autograd
+runs again inside backward, as torch.utils.checkpoint's own saved-tensor hooks do; no argument reaches there.
+It is thread-local (a region that backward re-runs enters it again in its own thread), and a threading.local
+because torch.compile traces its writes inside a checkpointed region (it breaks the graph at a ContextVar's).
+"""
 import contextlib
 import functools
 import threading
@@ -9,8 +15,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from ldm.implementation import current
 from ldm.util import autocast_dtype
-
 
 _local = threading.local()  # .keep: how many keeping_saved blocks this thread is inside
 
@@ -126,14 +132,14 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state-dict keys) that does not keep its input for backward while its
     parameters are frozen: their gradient is not needed, and the input's needs only the weight. Autograd's
     convolution keeps the input either way. Inputs under `lean_min_numel` elements are left to autograd (the
-    custom backward's Python overhead costs more than they do); `Conv2d.lean = False` turns it off."""
-    lean = True
+    custom backward's Python overhead costs more than they do); `Implementation.lean_conv` off turns it off."""
     lean_min_numel = 2 ** 18  # 1 MiB in float32
 
     def forward(self, x):
         frozen = not any(p.requires_grad for p in (self.weight, self.bias) if p is not None)
-        if self.lean and frozen and x.requires_grad and torch.is_grad_enabled() and x.numel() >= self.lean_min_numel \
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+        lean = current().lean_conv and frozen and x.requires_grad and torch.is_grad_enabled()
+        if lean and x.numel() >= self.lean_min_numel and self.padding_mode == "zeros" \
+                and not isinstance(self.padding, str):
             return _InputOnlyConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                                           self.groups)
         return super().forward(x)

@@ -14,7 +14,8 @@ class AbstractEncoder(nn.Module):
 
 class TextEncoder(AbstractEncoder):
     """Subclasses set `self.tokenizer` (a TextTokenizer, or None for id inputs) and define
-    `token_embedding` (an nn.Embedding) and `forward(text, embedding_manager=None) -> (B, T, D)`."""
+    `token_embedding` (an nn.Embedding) and `forward(text, embedding_manager=None, band=0) -> (B, T, D)`, which
+    hands the manager and the timestep band `band` (int, or (B,) int64) to `encode_tokens`."""
 
     tokenizer = None
     frozen = False
@@ -50,8 +51,8 @@ class TextEncoder(AbstractEncoder):
         """The id `add_placeholder_token` gave `string`, or None."""
         return self._require_tokenizer().placeholder_ids.get(string)
 
-    def encode(self, text, embedding_manager=None):
-        return self(text, embedding_manager=embedding_manager)
+    def encode(self, text, embedding_manager=None, band=0):
+        return self(text, embedding_manager=embedding_manager, band=band)
 
     def freeze(self):
         """Eval mode and no gradients, kept through later `.train()` calls (Lightning calls it each epoch)."""
@@ -63,21 +64,22 @@ class TextEncoder(AbstractEncoder):
         return super().train(mode and not self.frozen)
 
 
-def encode_tokens(tokens, token_embedding, body, manager=None):
+def encode_tokens(tokens, token_embedding, body, manager=None, band=0):
     """The one seam between a text encoder and a textual-inversion manager.
 
     tokens: (B, T) int64 (edited in place when a placeholder expands to several vectors),
-    token_embedding: the encoder's nn.Embedding, body: (B, T, D) token embeddings -> (B, T, D) states.
+    token_embedding: the encoder's nn.Embedding, body: (B, T, D) token embeddings -> (B, T, D) states;
+    band: the manager's timestep band, int or (B,) int64 (one per row), whose vectors are written.
     The manager's input seam produces the token embeddings; when the manager injects at the output the
     body runs through its `frozen_states` instead (no autograd, states memoised); its output seam edits the states.
     """
     if manager is None:
         return body(token_embedding(tokens))
     if manager.backprop_through_encoder:
-        states = body(manager.input_seam(tokens, token_embedding))
+        states = body(manager.input_seam(tokens, token_embedding, band))
     else:
         states = manager.frozen_states(tokens, token_embedding, body)
-    return manager.output_seam(tokens, states)
+    return manager.output_seam(tokens, states, band)
 
 
 def load_pretrained(model_class, source, fix):

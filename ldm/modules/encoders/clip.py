@@ -70,9 +70,10 @@ class FrozenCLIPEmbedder(TextEncoder):
     def token_embedding(self):
         return self.transformer.text_model.embeddings.token_embedding
 
-    def forward(self, text, embedding_manager=None):
-        """text: list of B str -> (B, max_length, width)"""
-        return encode_tokens(self.tokenize(text), self.token_embedding, self._encode_embeddings, embedding_manager)
+    def forward(self, text, embedding_manager=None, band=0):
+        """text: list of B str -> (B, max_length, width); band: the manager's timestep band (int or (B,) int64)"""
+        return encode_tokens(self.tokenize(text), self.token_embedding, self._encode_embeddings, embedding_manager,
+                             band)
 
     def _encode_embeddings(self, embeds):
         """embeds: (B, T, D) token embeddings -> (B, T, D) states after the final layer norm.

@@ -40,7 +40,8 @@ class BERTEmbedder(TextEncoder):
         """The nn.Embedding(vocab_size, n_embed) looked up before the position embedding."""
         return self.transformer.token_emb
 
-    def forward(self, text, embedding_manager=None):
-        """text: list of B str (or (B, T) int64 ids when use_tokenizer=False) -> (B, T, n_embed)"""
+    def forward(self, text, embedding_manager=None, band=0):
+        """text: list of B str (or (B, T) int64 ids when use_tokenizer=False) -> (B, T, n_embed); band: the
+        manager's timestep band (int or (B,) int64)"""
         tokens = self.tokenize(text) if self.use_tokenizer else text.to(self.token_embedding.weight.device)
-        return self.transformer(tokens, return_embeddings=True, embedding_manager=embedding_manager)
+        return self.transformer(tokens, return_embeddings=True, embedding_manager=embedding_manager, band=band)

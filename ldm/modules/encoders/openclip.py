@@ -122,9 +122,10 @@ class FrozenOpenCLIPEmbedder(TextEncoder):
     def token_embedding(self):
         return self.model.token_embedding
 
-    def forward(self, text, embedding_manager=None):
-        """text: list of B str -> (B, max_length, width)"""
-        return encode_tokens(self.tokenize(text), self.token_embedding, self._encode_embeddings, embedding_manager)
+    def forward(self, text, embedding_manager=None, band=0):
+        """text: list of B str -> (B, max_length, width); band: the manager's timestep band (int or (B,) int64)"""
+        return encode_tokens(self.tokenize(text), self.token_embedding, self._encode_embeddings, embedding_manager,
+                             band)
 
     def _encode_embeddings(self, embeds):
         """embeds: (B, T, W) token embeddings -> (B, T, W) conditioning states"""

@@ -40,9 +40,10 @@ class FrozenT5Embedder(TextEncoder):
     def token_embedding(self):
         return self.transformer.get_input_embeddings()
 
-    def forward(self, text, embedding_manager=None):
-        """text: list of B str -> (B, max_length, d_model)"""
-        return encode_tokens(self.tokenize(text), self.token_embedding, self._encode_embeddings, embedding_manager)
+    def forward(self, text, embedding_manager=None, band=0):
+        """text: list of B str -> (B, max_length, d_model); band: the manager's timestep band (int or (B,) int64)"""
+        return encode_tokens(self.tokenize(text), self.token_embedding, self._encode_embeddings, embedding_manager,
+                             band)
 
     def _encode_embeddings(self, embeds):
         """embeds: (B, T, D) token embeddings -> (B, T, D) final states"""

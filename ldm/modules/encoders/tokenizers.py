@@ -12,6 +12,7 @@ import os
 import tempfile
 from functools import lru_cache
 
+from ldm.implementation import current
 from ldm.util import memoised_rows
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,9 @@ class TextTokenizer:
 
     Captions become fixed-length ids (the tokenizer's specials, its pad id, truncated). Placeholder
     tokens are added to a private copy, made on the first addition, so that a token added for one
-    model never appears in another model sharing the cached tokenizer.
+    model never appears in another model sharing the cached tokenizer. Caption ids are memoised while
+    `Implementation.memoise_captions` is on (off: every call tokenizes, as the reference).
     """
-    memoise = True  # caption ids kept (False: every call tokenizes, as the reference)
 
     def __init__(self, tokenizer, max_length):
         self.tokenizer = tokenizer
@@ -47,7 +48,7 @@ class TextTokenizer:
         def tokenize(missing):
             return self.tokenizer(missing, padding="max_length", max_length=self.max_length, truncation=True,
                                   return_tensors="pt")["input_ids"]
-        if not self.memoise:
+        if not current().memoise_captions:
             return tokenize(list(texts))
         return memoised_rows(self._ids, list(texts), tokenize, MEMO_SIZE)
 

@@ -2,14 +2,14 @@
 distinct words of the shapes world's captions, small enough that most words split into several pieces
 ("triangle" -> ▁t ri ang le), and a random-init T5EncoderModel that pretraining trains with the generator.
 
-    python -m ldm.modules.encoders.t5_tiny --out models/ar/tiny-shapes/t5
+    python -m ldm.data.shapes.t5 --out models/ar/tiny-shapes/t5
 """
 import argparse
 import itertools
 
 import torch
 
-from ldm.data.shapes_palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES, TEMPLATES
+from ldm.data.shapes.palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES, TEMPLATES
 
 T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
                  dropout_rate=0.0)

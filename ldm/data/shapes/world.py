@@ -2,11 +2,11 @@
 
 Captions name a shape and a colour (or, with probability p_no_colour, the shape alone: "a photo of a
 circle" then means a circle of any colour); pattern, background and outline are never named, but a
-caption's optional scene word leans one of them towards its hidden home (`shapes_palette.SCENES`).
-The concept combinations of `shapes_concepts` are never sampled unless hold_out_concepts=False: then
+caption's optional scene word leans one of them towards its hidden home (`palette.SCENES`).
+The concept combinations of `concepts` are never sampled unless hold_out_concepts=False: then
 they occur at their natural rate (1 in 36 images of their shape), and still no caption reaches them.
 
-    python -m ldm.data.shapes_world --write_concepts dataset/ --grid world.png
+    python -m ldm.data.shapes.world --write_concepts dataset/ --grid world.png
 """
 import argparse
 import json
@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from ldm.data.shapes_concepts import CONCEPT_TUPLES, CONCEPTS, concept_key
-from ldm.data.shapes_draw import CANVAS, render
-from ldm.data.shapes_palette import ATTRIBUTES, SCENE_PHRASE, SCENES, TEMPLATES, VALUES
+from ldm.data.shapes.concepts import CONCEPT_TUPLES, CONCEPTS, concept_key
+from ldm.data.shapes.draw import CANVAS, render
+from ldm.data.shapes.palette import ATTRIBUTES, SCENE_PHRASE, SCENES, TEMPLATES, VALUES
 
 SPLITS = {"train": 0, "val": 1}  # the split index is part of every item's seed
 

@@ -10,7 +10,7 @@ was most of the loss and the vectors learned nothing else.) The init word is the
 class word of the original method); the edits name the two colours the images do not show and expect
 the rest of the concept to stay.
 """
-from ldm.data.shapes_palette import UNNAMED, VALUES
+from ldm.data.shapes.palette import UNNAMED, VALUES
 
 CONCEPT_ATTRIBUTES = ("shape",) + UNNAMED
 

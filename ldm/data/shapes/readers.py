@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 from ldm.data.mask_ops import erode, erode_round, fill_holes, largest_component
-from ldm.data.shapes_draw import CANVAS, box_sdf, pattern_dark, pixel_grid
-from ldm.data.shapes_palette import ATTRIBUTES, BACKGROUNDS, COLOURS, OUTLINE_WIDTH, PATTERN_PERIOD, SHAPES
+from ldm.data.shapes.draw import CANVAS, box_sdf, pattern_dark, pixel_grid
+from ldm.data.shapes.palette import ATTRIBUTES, BACKGROUNDS, COLOURS, OUTLINE_WIDTH, PATTERN_PERIOD, SHAPES
 
 UNKNOWN = "unknown"
 FRAME = 2  # border width (pixels) sampled for the background
