@@ -1,4 +1,5 @@
-"""Textual inversion with improvement v1 (adapter + transformer after BERT): train_new.py plus configs/improvement/v1.yaml.
+"""Textual inversion with improvement v1 (adapter + transformer after BERT): train_new.py plus
+configs/improvement/v1.yaml.
 
     python train_new_v1.py -t --actual_resume models/ldm/tiny-shapes/model.safetensors -n NAME \
         --data_root dataset/solid_square --init_word square --placeholder_string '*'

@@ -1,4 +1,5 @@
-"""Textual inversion with improvement v2 (multilingual pre-encoder + aligner): train_new.py plus configs/improvement/v2.yaml.
+"""Textual inversion with improvement v2 (multilingual pre-encoder + aligner): train_new.py plus
+configs/improvement/v2.yaml.
 
     python train_new_v2.py -t --actual_resume models/ldm/tiny-shapes/model.safetensors -n NAME \
         --data_root dataset/solid_square --init_word square --placeholder_string '*'

@@ -7,9 +7,9 @@ import time
 import torch
 from omegaconf import OmegaConf
 
+from ldm.checkpoints import load_state_dict_into
 from ldm.implementation import OURS, REFERENCE, using
 from ldm.util import instantiate_from_config
-from ldm.checkpoints import load_state_dict_into
 
 PERSONALIZATION = {"target": "ldm.modules.embedding_manager.EmbeddingManager",
                    "params": {"placeholder_strings": ["*"], "initializer_words": ["dog"]}}

@@ -10,12 +10,10 @@ Variants, interleaved in one process on the same start noise:
 - batched einsum: the reference DDIM sampler's real behaviour (one batched forward, einsum attention).
 """
 import argparse
-import os
 
 import torch
 
-
-from bench.common import implementation, build, load_config, median, timed
+from bench.common import build, implementation, load_config, median, timed
 from ldm.models.diffusion.sampling import ddim_schedule, guided_eps, sample_ddim
 
 DEFAULT_CONFIG = ["models/ldm/tiny-shapes/config.yaml", "configs/tiny-shapes/finetune.yaml"]

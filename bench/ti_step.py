@@ -27,8 +27,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
-
-from bench.common import implementation, build, load_config, median, peak_memory, timed
+from bench.common import build, implementation, load_config, median, peak_memory, timed
 from ldm.util import instantiate_from_config
 
 DEFAULT_CONFIG = ["models/ldm/tiny-shapes/config.yaml", "configs/tiny-shapes/finetune.yaml"]
@@ -211,7 +210,8 @@ def main(argv=None):
     indices = batch_indices(dataset, args.batch, 1)[0]
     parts = breakdown(ours, dataset, indices)
     total = sum(parts.values())
-    print("where our step's time goes: " + ", ".join(f"{k} {v:.1f} ms ({100 * v / total:.0f}%)" for k, v in parts.items()))
+    print("where our step's time goes: "
+          + ", ".join(f"{k} {v:.1f} ms ({100 * v / total:.0f}%)" for k, v in parts.items()))
     low, high = outside_operators(ours, dataset, indices)
     print(f"outside PyTorch's operators (Python; profiler): {100 * low:.0f}-{100 * high:.0f}% of our step")
 

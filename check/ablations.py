@@ -20,15 +20,13 @@ import os
 import numpy as np
 import torch
 
-
-from ldm.data.shapes.scores import evaluate_concept, format_table
-from check.concept_table import (FINETUNE, MODEL_DIR, load_specs, load_ti_model, make_sampler,
-                                 train_concept)
+from check.concept_table import FINETUNE, MODEL_DIR, load_specs, load_ti_model, make_sampler, train_concept
+from ldm.checkpoints import read_config
 from ldm.cli import ArgumentParser, UsageError, run_command
+from ldm.data.shapes.scores import evaluate_concept, format_table
+from ldm.inference import load_modules, modules_beside
 from ldm.models.diffusion.sampling import SAMPLERS
 from ldm.util import atomic_path, atomic_write_text, require_finite, require_positive
-from ldm.checkpoints import read_config
-from ldm.inference import load_modules, modules_beside
 
 VARIANTS = "configs/ablations"
 

@@ -10,16 +10,14 @@ with --edges, the sets as trained but the edge moved to each given timestep at s
 """
 import collections
 import functools
-import os
 
 import torch
 
-
-from ldm.data.shapes.scores import FIDELITY_PROMPT
 from check.concept_table import load_specs, load_ti_model, make_sampler
 from ldm.cli import ArgumentParser, UsageError, run_command
 from ldm.data.shapes.palette import UNNAMED
 from ldm.data.shapes.readers import read_attributes
+from ldm.data.shapes.scores import FIDELITY_PROMPT
 from ldm.util import require_finite, require_positive
 
 PLACEMENTS = ("as-trained", "high-everywhere", "low-everywhere")

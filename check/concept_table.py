@@ -33,20 +33,19 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-
 from check.clip_similarity import ClipImageSimilarity
-from ldm.data.shapes.scores import evaluate_concept, format_table, read_spec
+from ldm.checkpoints import load_model_from_config, read_config
 from ldm.cli import ArgumentParser, UsageError, run_command
 from ldm.data.images import list_images, load_rgb
 from ldm.data.shapes.draw import CANVAS
 from ldm.data.shapes.palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES
 from ldm.data.shapes.readers import read_attributes
-from ldm.models.diffusion.sampling import SAMPLERS
-from ldm.util import atomic_write_text, require_finite, require_positive
-from ldm.checkpoints import load_model_from_config, read_config
+from ldm.data.shapes.scores import evaluate_concept, format_table, read_spec
 from ldm.inference import SampleOptions, sample_batch, to_uint8
+from ldm.models.diffusion.sampling import SAMPLERS
 from ldm.training import TrainOptions
 from ldm.training import run as run_training
+from ldm.util import atomic_write_text, require_finite, require_positive
 
 MODEL_DIR = "models/ldm/tiny-shapes"
 FINETUNE = "configs/tiny-shapes/finetune.yaml"
@@ -308,7 +307,8 @@ def main(argv=None):
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     p.add_argument("train_overrides", nargs="*", help="key=value overrides for the TI runs")
     args = p.parse_args(argv)
-    args.embeddings = args.embeddings or "outputs/concept_embeddings" + ("" if args.model == "ldm" else f"_{args.model}")
+    args.embeddings = args.embeddings or "outputs/concept_embeddings" + (
+        "" if args.model == "ldm" else f"_{args.model}")
     run_command(functools.partial(run, args), args.debug)
 
 

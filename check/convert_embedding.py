@@ -12,9 +12,7 @@ refuses a token already in its vocabulary, such as '*'). The destination is neve
 concept folder holding it); an existing destination file is replaced only with --overwrite. A mistake is one
 `error:` line and exit status 2 (--debug: the full traceback).
 """
-import os
 import sys
-
 
 from ldm.cli import ArgumentParser, run_command
 from ldm.modules.embedding_formats import FORMATS, read_embeddings, write_embeddings

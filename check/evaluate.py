@@ -33,15 +33,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-
 from check.clip_similarity import clip_pixels
-from ldm.data.shapes.scores import FIDELITY_PROMPT, evaluate_concept, format_table, read_spec
+from ldm.checkpoints import load_model_from_config, load_state_dict_into, read_config
 from ldm.cli import UsageError, one_line, run_command
 from ldm.config_check import untrusted_targets
 from ldm.data.images import list_images, load_rgb
+from ldm.data.shapes.scores import FIDELITY_PROMPT, evaluate_concept, format_table, read_spec
 from ldm.models.diffusion.sampling import SAMPLERS, SPACINGS, sample_latents
 from ldm.util import atomic_path, require_finite, require_positive
-from ldm.checkpoints import load_model_from_config, load_state_dict_into, read_config
 
 log = logging.getLogger("evaluate")
 

@@ -11,11 +11,10 @@ import os
 
 import torch
 
-
+from ldm.checkpoints import read_state_dict
 from ldm.cli import ArgumentParser, UsageError, run_command
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
 from ldm.util import atomic_path, instantiate_from_config
-from ldm.checkpoints import read_state_dict
 
 
 def checkpoint_of(path):
@@ -37,8 +36,8 @@ def latent_scale_factor(run_dir, n=512):
 
     from omegaconf import OmegaConf
 
-    from ldm.models.autoencoder import images_from_batch
     from ldm.checkpoints import load_model_from_config
+    from ldm.models.autoencoder import images_from_batch
 
     configs = sorted(glob(os.path.join(run_dir, "configs", "*-project.yaml")))
     if not configs:

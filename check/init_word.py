@@ -4,11 +4,9 @@
     python check/init_word.py dog --config CONFIG.yaml --ckpt MODEL.ckpt
 """
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
-
 
 from ldm.cli import ArgumentParser, UsageError, run_command
 from ldm.modules.encoders.modules import BERTEmbedder

@@ -6,14 +6,12 @@ Without --ckpt the model is built on the meta device (no memory, no weights), so
 config is checked in seconds.
 """
 import functools
-import os
 
 import torch
 
-
+from ldm.checkpoints import load_state_dict_into, read_config
 from ldm.cli import ArgumentParser, UsageError, run_command
 from ldm.util import instantiate_from_config
-from ldm.checkpoints import load_state_dict_into, read_config
 
 
 def count(module):

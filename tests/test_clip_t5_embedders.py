@@ -31,7 +31,8 @@ def test_clip_tokenizer_gives_the_reference_ids(clip):
 
 
 def test_clip_tokenizer_folder_matches_the_bpe_build(clip, encoder_dirs):
-    from_folder = FrozenCLIPEmbedder(version=str(encoder_dirs["clip"]), tokenizer_path=str(encoder_dirs["clip_tokenizer"]))
+    from_folder = FrozenCLIPEmbedder(version=str(encoder_dirs["clip"]),
+                                     tokenizer_path=str(encoder_dirs["clip_tokenizer"]))
     assert torch.equal(from_folder.tokenize(PROMPTS), clip.tokenize(PROMPTS))
 
 

@@ -8,12 +8,18 @@ import pytest
 from PIL import Image
 
 from check.concept_eval import main
-from ldm.data.shapes.scores import (concept_fidelity, edit_success, evaluate_concept, evaluation_rows, format_table,
-                                    per_attribute_match)
 from ldm.data.mask_ops import erode, erode_round, fill_holes, label_components, largest_component
 from ldm.data.shapes.concepts import CONCEPTS
 from ldm.data.shapes.palette import ATTRIBUTES, BACKGROUNDS, VALUES
 from ldm.data.shapes.readers import read_attributes
+from ldm.data.shapes.scores import (
+    concept_fidelity,
+    edit_success,
+    evaluate_concept,
+    evaluation_rows,
+    format_table,
+    per_attribute_match,
+)
 from ldm.data.shapes.world import render, sample_attributes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +83,8 @@ def test_outline_reader_agrees_with_hand_labels_on_model_samples():
     """108 samples of the shipped model, outline labelled by eye (tests/fixtures/outline_samples)."""
     folder = os.path.join(REPO, "tests", "fixtures", "outline_samples")
     spec = json.load(open(os.path.join(folder, "labels.json")))
-    grid, t, cols = np.asarray(Image.open(os.path.join(folder, "samples.png")).convert("RGB")), spec["tile"], spec["columns"]
+    grid, t, cols = (np.asarray(Image.open(os.path.join(folder, "samples.png")).convert("RGB")),
+                     spec["tile"], spec["columns"])
     read = [read_attributes(grid[k // cols * t:(k // cols + 1) * t, k % cols * t:(k % cols + 1) * t])["outline"]
             for k in range(len(spec["labels"]))]
     agree = [r == row["outline"] for r, row in zip(read, spec["labels"])]

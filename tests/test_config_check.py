@@ -11,8 +11,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ldm.cli import UsageError
-from ldm.config_check import (COMMAND_LINE, check_config, load_config_file, overrides_config,
-                              untrusted_targets)
+from ldm.config_check import COMMAND_LINE, check_config, load_config_file, overrides_config, untrusted_targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_KEYS = ("actual_resume", "data_root", "init_word", "placeholder_string", "allow_existing_token")

@@ -49,7 +49,8 @@ def stack(encoder_dirs):
 def trained_manager(clip, num_vectors):
     manager = EmbeddingManager(clip, ["<cat-toy>"], ["toy"], num_vectors_per_token=num_vectors)
     with torch.no_grad():
-        manager.string_to_param_dict["<cat-toy>"].copy_(torch.randn(num_vectors, 32, generator=torch.Generator().manual_seed(7)))
+        manager.string_to_param_dict["<cat-toy>"].copy_(
+            torch.randn(num_vectors, 32, generator=torch.Generator().manual_seed(7)))
     return manager
 
 

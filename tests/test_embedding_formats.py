@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import merge_embeddings
-from ldm.merge import merge
 from check import convert_embedding
+from ldm.merge import merge
 from ldm.modules.embedding_formats import HASH_KEY, Embeddings, read_embeddings, write_embeddings
 from ldm.modules.embedding_manager import EmbeddingManager
 

@@ -4,8 +4,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ldm.modules.placeholders import PER_IMAGE_TOKENS
 from ldm.modules.embedding_manager import EmbeddingManager
+from ldm.modules.placeholders import PER_IMAGE_TOKENS
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 STAR = 1008

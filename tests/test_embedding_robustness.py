@@ -22,8 +22,16 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from check import convert_embedding
-from ldm.modules.embedding_formats import (HASH_KEY, MAX_FILE_BYTES, MAX_VECTORS, EmbeddingFileError, Embeddings,
-                                           content_digest, read_embeddings, write_embeddings)
+from ldm.modules.embedding_formats import (
+    HASH_KEY,
+    MAX_FILE_BYTES,
+    MAX_VECTORS,
+    EmbeddingFileError,
+    Embeddings,
+    content_digest,
+    read_embeddings,
+    write_embeddings,
+)
 from ldm.modules.embedding_manager import EmbeddingManager
 
 ROOT = Path(__file__).resolve().parent.parent

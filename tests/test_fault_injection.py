@@ -35,7 +35,8 @@ def images(tmp_path_factory):
 
 def train(ckpt, images, logdir, name, *extra):
     cmd = [sys.executable, "train_new.py", "--base", "configs/tiny/txt2img-tiny-finetune.yaml", "-t", "--actual_resume",
-           ckpt, "--data_root", images, "--init_word", "dog", "--placeholder_string", "*", "-l", str(logdir), "-n", name,
+           ckpt, "--data_root", images, "--init_word", "dog", "--placeholder_string", "*", "-l", str(logdir),
+           "-n", name,
            f"lightning.trainer.max_steps={STEPS}", "lightning.trainer.log_every_n_steps=1",
            "lightning.modelcheckpoint.params.every_n_train_steps=7",
            "lightning.callbacks.image_logger.params.batch_frequency=8", *extra]

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import txt2img
-from ldm.inference import load_model, load_modules
 from improvement.v1.post_BERT import PostBERTEmbedder
+from ldm.inference import load_model, load_modules
 from train_new_v1 import V1
 
 CONFIG = "configs/tiny/txt2img-tiny-finetune.yaml"

@@ -1,7 +1,6 @@
 """Improvement v2: the pair corpus, a tiny multilingual pre-encoder built from config, the aligner's training
 command, the shipped aligner (held-out alignment, `*` passing through) and TI through the v2 conditioner."""
 import json
-import os
 
 import pytest
 import torch
@@ -10,7 +9,8 @@ from omegaconf import OmegaConf
 
 from improvement.v2 import corpus
 from improvement.v2.pre_BERT import MultilingualBERTEmbedder
-from improvement.v2.train_aligner import main as train_aligner, train_wordpiece
+from improvement.v2.train_aligner import main as train_aligner
+from improvement.v2.train_aligner import train_wordpiece
 from ldm.cli import UsageError
 from load import load_model_from_config
 from train_new_v2 import V2
@@ -35,7 +35,8 @@ def test_shipped_corpus_is_what_the_generator_writes(tmp_path):
 def test_translate_prompt_covers_the_concept_prompts():
     assert corpus.translate_prompt("a photo of a *") == "*의 사진"
     assert corpus.translate_prompt("a photo of a blue *") == "파란 *의 사진"
-    assert corpus.translate_prompt("a photo of the cool red circle in the kitchen") == "그 멋진 부엌에 있는 빨간 원의 사진"
+    assert (corpus.translate_prompt("a photo of the cool red circle in the kitchen")
+            == "그 멋진 부엌에 있는 빨간 원의 사진")
     with pytest.raises(ValueError, match="not a shapes-world prompt"):
         corpus.translate_prompt("an oil painting of a dog")
 
@@ -76,7 +77,8 @@ def test_aligner_training_command_writes_files_that_load_back(tmp_path):
 
 @pytest.fixture(scope="module")
 def v2_model():
-    config = OmegaConf.merge(OmegaConf.load(f"{MODEL}/config.yaml"), OmegaConf.load("configs/tiny-shapes/finetune.yaml"),
+    config = OmegaConf.merge(OmegaConf.load(f"{MODEL}/config.yaml"),
+                             OmegaConf.load("configs/tiny-shapes/finetune.yaml"),
                              OmegaConf.load(V2))
     return load_model_from_config(config, f"{MODEL}/model.safetensors", strict=True).eval()
 
@@ -119,7 +121,8 @@ def test_ti_through_v2_trains_only_the_vector(tmp_path):
     reference = fresh.state_dict()
     state = model.state_dict()
     manager = model.embedding_manager
-    assert not torch.equal(manager.string_to_param_dict["*"], manager.initial_embeddings["*"]), "the vector did not move"
+    assert not torch.equal(manager.string_to_param_dict["*"],
+                           manager.initial_embeddings["*"]), "the vector did not move"
     frozen = [k for k in state if not k.startswith("embedding_manager.")]
     assert any(k.startswith("cond_stage_model.aligner.") for k in frozen)
     for key in frozen:

@@ -54,7 +54,8 @@ def test_first_stage(tiny, cases):
         torch.testing.assert_close(post.mean, cases["out.first_stage.posterior_mean"], **TOL)
         torch.testing.assert_close(post.logvar, cases["out.first_stage.posterior_logvar"], **TOL)
         torch.testing.assert_close(post.std, cases["out.first_stage.posterior_std"], **TOL)
-        torch.testing.assert_close(tiny.get_first_stage_encoding(post.mode()), cases["out.first_stage.z_scaled_mode"], **TOL)
+        torch.testing.assert_close(tiny.get_first_stage_encoding(post.mode()), cases["out.first_stage.z_scaled_mode"],
+                                   **TOL)
         z = cases["in.first_stage.z"]
         torch.testing.assert_close(tiny.first_stage_model.decode(z), cases["out.first_stage.decode"], **TOL)
         torch.testing.assert_close(tiny.decode_first_stage(z), cases["out.first_stage.decode_first_stage"], **TOL)

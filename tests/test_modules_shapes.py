@@ -3,8 +3,14 @@ import pytest
 import torch
 
 from ldm.models.autoencoder import AutoencoderKL, VQModel
-from ldm.models.diffusion.sampling import (ddim_schedule, ddim_timesteps, logsnr_timesteps, sample_ddim,
-                                          sample_dpmpp_2m, sample_plms)
+from ldm.models.diffusion.sampling import (
+    ddim_schedule,
+    ddim_timesteps,
+    logsnr_timesteps,
+    sample_ddim,
+    sample_dpmpp_2m,
+    sample_plms,
+)
 from ldm.models.diffusion.schedule import make_beta_schedule, schedule_tensors
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 

@@ -4,8 +4,8 @@ import pytest
 from PIL import Image
 
 from ldm.data.personalized import IMAGENET_TEMPLATES_SMALL, PER_IMAGE_TOKENS, PersonalizedBase, load_rgb
-from ldm.data.personalized_style import PersonalizedBase as StyleBase
 from ldm.data.personalized_style import STYLE_TEMPLATES_SMALL
+from ldm.data.personalized_style import PersonalizedBase as StyleBase
 
 
 def save(image, path):
@@ -34,7 +34,8 @@ def test_items_and_length(folder):
 
 def test_templates_are_the_reference_lists():
     assert len(IMAGENET_TEMPLATES_SMALL) == 81 and len(STYLE_TEMPLATES_SMALL) == 19
-    assert IMAGENET_TEMPLATES_SMALL[27] == "an illustration of a {}" and IMAGENET_TEMPLATES_SMALL[28] == "a rendering of a {}"
+    assert (IMAGENET_TEMPLATES_SMALL[27] == "an illustration of a {}"
+            and IMAGENET_TEMPLATES_SMALL[28] == "a rendering of a {}")
     assert IMAGENET_TEMPLATES_SMALL[80] == "a depiction of a small {}"
 
 

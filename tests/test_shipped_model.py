@@ -21,7 +21,8 @@ def test_checkpoint_loads_strictly_with_its_config():
 
 
 def test_every_shipped_concept_builds_a_ti_model():
-    config = OmegaConf.merge(OmegaConf.load(f"{MODEL}/config.yaml"), OmegaConf.load("configs/tiny-shapes/finetune.yaml"))
+    config = OmegaConf.merge(OmegaConf.load(f"{MODEL}/config.yaml"),
+                             OmegaConf.load("configs/tiny-shapes/finetune.yaml"))
     model = load_model_from_config(config, f"{MODEL}/model.safetensors")
     emb = model.cond_stage_model.token_embedding.weight
     concepts = sorted(d for d in os.listdir("dataset") if os.path.exists(f"dataset/{d}/concept.json"))
@@ -133,7 +134,8 @@ def test_autoregressive_checkpoint_loads_strictly_and_samples():
 
 
 def test_word_loss_sees_the_outline_word_on_a_concept_without_outline(capsys):
-    """check/word_loss.py: on solid_circle (no outline) "in the library" (outline none) beats "in the studio" (black)."""
+    """check/word_loss.py: on solid_circle (no outline) "in the library" (outline none) beats
+    "in the studio" (black)."""
     from check import word_loss
 
     word_loss.main(["--concept", "solid_circle", "--words", "library", "studio", "--t", "300", "500", "--noise", "2"])

@@ -249,7 +249,8 @@ def test_compile_runs_the_training_step_compiled_and_sampling_eagerly_with_the_s
                 with torch.no_grad():  # as the samplers call it: a guidance pair of another batch size
                     model.apply_model(torch.randn(6, 4, 8, 8), torch.full((6,), 500), torch.randn(6, 77, 32))
                 graphs.append(counters["stats"]["unique_graphs"])
-            runs[compile] = loss.item(), [p.grad for p in model.trainable_parameters()], graphs, list(model.state_dict())
+            runs[compile] = (loss.item(), [p.grad for p in model.trainable_parameters()], graphs,
+                             list(model.state_dict()))
     finally:
         torch._dynamo.reset()
     (loss, grads, graphs, keys), (loss_c, grads_c, graphs_c, keys_c) = runs[False], runs[backend]

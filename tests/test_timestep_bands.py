@@ -2,10 +2,10 @@
 import pytest
 import torch
 
+from ldm.merge import merge
 from ldm.models.diffusion.sampling import guided_eps
 from ldm.modules.embedding_formats import EmbeddingFileError, read_embeddings, write_embeddings
 from ldm.modules.embedding_manager import EmbeddingManager
-from ldm.merge import merge
 
 BANDS = "model.params.personalization_config.params.timestep_bands=[400]"
 

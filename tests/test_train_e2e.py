@@ -68,7 +68,8 @@ def test_resume_continues_the_step_count(trained, images, ckpt):
     saved = torch.load(os.path.join(trained.logdir, "checkpoints", "embeddings.pt"), weights_only=True)
     restored = train_new.main(["-r", trained.logdir, "-t", "lightning.trainer.max_steps=20"])
     assert restored.trainer.global_step == 20
-    assert torch.equal(restored.model.embedding_manager.string_to_param_dict["*"].detach(), saved["string_to_param"]["*"])
+    assert torch.equal(restored.model.embedding_manager.string_to_param_dict["*"].detach(),
+                       saved["string_to_param"]["*"])
     assert restored.trainer.optimizers[0].state, "optimizer state was not restored"
     resumed = train_new.main(["-r", trained.logdir, "-t", "lightning.trainer.max_steps=30"])
     assert resumed.logdir == trained.logdir

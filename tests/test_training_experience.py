@@ -40,7 +40,8 @@ def one_error(out):
 def test_log_file_console_validation_grids_and_loggers(images, ckpt, tmp_path):
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
-    out = train(images, tmp_path, "-n", "seen", "lightning.trainer.max_steps=6", "lightning.trainer.log_every_n_steps=2",
+    out = train(images, tmp_path, "-n", "seen", "lightning.trainer.max_steps=6",
+                "lightning.trainer.log_every_n_steps=2",
                 "--validation_prompts", "a photo of a *", "a purple *", "--validation_every", "3",
                 "--logger", "tensorboard,wandb,mlflow", ckpt=ckpt, env={"WANDB_MODE": "offline"})
     assert out.returncode == 0, out.stderr[-3000:]

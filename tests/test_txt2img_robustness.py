@@ -9,12 +9,18 @@ import subprocess
 import sys
 
 import pytest
+from test_checkpoint_loading import (
+    make_empty,
+    make_folder,
+    make_os_system,
+    make_png,
+    make_safetensors_bad_header,
+    make_truncated_zip,
+)
 
 import txt2img
 from ldm import inference
 from ldm.util import next_number, write_numbered
-from test_checkpoint_loading import (make_empty, make_folder, make_os_system, make_png, make_safetensors_bad_header,
-                                     make_truncated_zip)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/tiny/txt2img-tiny-finetune.yaml"

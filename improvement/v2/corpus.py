@@ -40,7 +40,8 @@ KO_TEMPLATES = {
     "a photo of the weird {}": "그 이상한 {}의 사진",
     "a photo of a cool {}": "멋진 {}의 사진",
 }
-KO_COLOURS = {"red": "빨간", "orange": "주황색", "yellow": "노란", "green": "초록색", "blue": "파란", "purple": "보라색"}
+KO_COLOURS = {"red": "빨간", "orange": "주황색", "yellow": "노란", "green": "초록색", "blue": "파란",
+              "purple": "보라색"}
 KO_SHAPES = {"circle": "원", "square": "정사각형", "triangle": "삼각형", "cross": "십자가"}
 KO_SCENES = {"desert": "사막", "harbor": "항구", "kitchen": "부엌", "station": "역", "market": "시장",
              "garden": "정원", "temple": "사원", "library": "도서관", "museum": "박물관", "studio": "스튜디오"}
@@ -103,7 +104,8 @@ def write_pairs(path, pairs):
 def read_pairs(path, split=None):
     """-> list of (korean, english) from a file of `write_pairs`, all or those of `split`."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no pair corpus at '{path}': write it with `python -m improvement.v2.corpus --out {path}`")
+        raise FileNotFoundError(f"no pair corpus at '{path}': "
+                                f"write it with `python -m improvement.v2.corpus --out {path}`")
     with open(path, encoding="utf-8") as f:
         rows = [line.rstrip("\n").split("\t") for line in f][1:]
     bad = [i + 2 for i, r in enumerate(rows) if len(r) != 3]

@@ -18,19 +18,18 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-
 from improvement.v2.aligner import alignment_losses
 from improvement.v2.corpus import read_pairs
 from improvement.v2.pre_BERT import SPECIAL_TOKENS
-from ldm.util import atomic_path, atomic_write_text, instantiate_from_config
 from ldm.checkpoints import read_state_dict
+from ldm.util import atomic_path, atomic_write_text, instantiate_from_config
 
 MODEL = "models/ldm/tiny-shapes"
 
 
 def train_wordpiece(texts, path, vocab_size=800):
     """A lower-cased WordPiece tokenizer (Hangul kept whole, not split into jamo) trained on `texts` -> path."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=False)

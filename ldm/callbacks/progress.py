@@ -42,7 +42,8 @@ class RunProgress(pl.Callback):
         self.lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         if self.bar is not None:
             self.bar.update(trainer.global_step - self.bar.n)
-            self.bar.set_postfix_str(f"loss {self.loss:.4f}  lr {self.lr:.2e}  {self.seconds_per_step(trainer):.2f} s/step")
+            self.bar.set_postfix_str(
+                f"loss {self.loss:.4f}  lr {self.lr:.2e}  {self.seconds_per_step(trainer):.2f} s/step")
         elif time.monotonic() - self.last_line >= self.every_n_seconds:
             self.line(trainer)
 

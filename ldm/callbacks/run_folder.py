@@ -43,13 +43,15 @@ class SetupCallback(pl.Callback):
         project = os.path.join(self.cfgdir, f"{self.now}-project.yaml")
         atomic_write_text(OmegaConf.to_yaml(self.config, resolve=True), project)
         lightning = OmegaConf.create({"lightning": self.lightning_config})
-        atomic_write_text(OmegaConf.to_yaml(lightning, resolve=True), os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
+        atomic_write_text(OmegaConf.to_yaml(lightning, resolve=True),
+                          os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
         log.info("run folder: %s", self.logdir)
 
 
 class ResumableCheckpoint(pl.Callback):
     """Writes `last.ckpt` every `every_n_train_steps` steps, every `every_n_minutes` minutes of training, when
-    training ends and when a stop signal arrives (the run then ends after that step); always at the end of a step, so that the run resumed from it
+    training ends and when a stop signal arrives (the run then ends after that step); always at the end of a step,
+    so that the run resumed from it
     (-r) trains on exactly as the uninterrupted run would have: the checkpoint carries the optimizer, the data
     stream's position (the loader's state) and the global random generators as they were after the step.
 

@@ -12,7 +12,6 @@ from ldm.implementation import current
 from ldm.modules.placeholders import PER_IMAGE_TOKENS
 from ldm.util import get_obj_from_str
 
-
 _PHOTO_TEMPLATES = (
     "a photo of a {}",
     "a rendering of a {}",

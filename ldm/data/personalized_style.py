@@ -52,4 +52,5 @@ class PersonalizedStyleBase(personalized.PersonalizedBase):
     dual_templates = STYLE_DUAL_TEMPLATES_SMALL
 
 
-PersonalizedBase = PersonalizedStyleBase  # the name reference configs target: ldm.data.personalized_style.PersonalizedBase
+# the name reference configs target: ldm.data.personalized_style.PersonalizedBase
+PersonalizedBase = PersonalizedStyleBase

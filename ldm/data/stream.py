@@ -3,7 +3,8 @@
 Sample number s (counted over the whole run) is item perm_p[s % n] of a dataset of n items, where p = s // n
 is the pass over the data and perm_p a permutation drawn from (seed, p); the item is made under random
 generators seeded from (seed, s), so its random flips and captions depend on nothing else. Batch b holds
-samples b * B ... (b + 1) * B - 1 (under data parallelism, rank r of w takes batch b * w + r), so the whole stream is a function of (seed, b): a run restarted at batch b
+samples b * B ... (b + 1) * B - 1 (under data parallelism, rank r of w takes batch b * w + r), so the whole
+stream is a function of (seed, b): a run restarted at batch b
 sees the batches the uninterrupted run saw, whatever the number of loader workers. Lightning's epochs are
 slices of `len(sampler)` batches of the stream.
 """

@@ -2,10 +2,18 @@
 
 | format    | files                          | layout                                                             |
 | --------- | ------------------------------ | ------------------------------------------------------------------ |
-| original  | .pt, .safetensors              | {"string_to_token": {s: () int64}, "string_to_param": {s: (n, D)}}; safetensors keys "string_to_token.<s>", "string_to_param.<s>"; output-injection files add "injection" and "context_token", timestep-banded ones "timestep_bands" (safetensors: in the header) |
-| diffusers | folder, .safetensors, .bin     | {token: (n, D) or (D,)}; a folder holds learned_embeds.safetensors (or .bin), token_identifier.txt, type_of_concept.txt |
-| a1111     | .pt, .safetensors              | {"string_to_token": {"*": 265}, "string_to_param": {"*": (n, D)}, "name", "step", "sd_checkpoint", "sd_checkpoint_name"}; safetensors: "string_to_param.*", the other fields in the header |
-| kohya     | .safetensors, .pt              | {"emb_params": (n, D)}; the placeholder is the file's stem (or a given name) |
+| original  | .pt, .safetensors              | {"string_to_token": {s: () int64},                                 |
+|           |                                | "string_to_param": {s: (n, D)}}; safetensors keys                  |
+|           |                                | "string_to_token.<s>", "string_to_param.<s>"; output-injection     |
+|           |                                | files add "injection" and "context_token", timestep-banded ones    |
+|           |                                | "timestep_bands" (safetensors: in the header)                      |
+| diffusers | folder, .safetensors, .bin     | {token: (n, D) or (D,)}; a folder holds learned_embeds.safetensors |
+|           |                                | (or .bin), token_identifier.txt, type_of_concept.txt               |
+| a1111     | .pt, .safetensors              | {"string_to_token": {"*": 265}, "string_to_param": {"*": (n, D)},  |
+|           |                                | "name", "step", "sd_checkpoint", "sd_checkpoint_name"};            |
+|           |                                | safetensors: "string_to_param.*", the other fields in the header   |
+| kohya     | .safetensors, .pt              | {"emb_params": (n, D)}; the placeholder is the file's stem         |
+|           |                                | (or a given name)                                                  |
 
 Token ids recorded in original files are those of the writer's tokenizer; -1 where the writer had
 none (converted or merged files). Reading never runs pickled code (safetensors, or torch.load with

@@ -1,5 +1,4 @@
 """Autoencoder training losses that need no pretrained network (LPIPS needs downloaded VGG weights)."""
-import torch
 from torch import nn
 
 

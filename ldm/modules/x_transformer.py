@@ -58,7 +58,8 @@ class FeedForward(nn.Module):
     def __init__(self, dim, mult=4, dropout=0.0):
         super().__init__()
         inner = dim * mult
-        self.net = nn.Sequential(nn.Sequential(nn.Linear(dim, inner), nn.GELU()), nn.Dropout(dropout), nn.Linear(inner, dim))
+        self.net = nn.Sequential(nn.Sequential(nn.Linear(dim, inner), nn.GELU()), nn.Dropout(dropout),
+                                 nn.Linear(inner, dim))
 
     def forward(self, x):
         """x: (B, T, D) -> (B, T, D); backward projects x again rather than keeping the GELU's input (mult * D wide)."""

@@ -1,8 +1,7 @@
 """Drawing the shapes world: signed distances of the silhouettes and an anti-aliased rasterizer."""
 import numpy as np
 
-from ldm.data.shapes.palette import (BACKGROUNDS, COLOURS, DARK_PHASE, OUTLINE_WIDTH, OUTLINES, PATTERN_PERIOD,
-                                     SHAPES)
+from ldm.data.shapes.palette import BACKGROUNDS, COLOURS, DARK_PHASE, OUTLINE_WIDTH, OUTLINES, PATTERN_PERIOD, SHAPES
 
 CANVAS = 32
 SUPERSAMPLE = 4

@@ -2,7 +2,8 @@
 
 Order of reading: background from the border frame; foreground = pixels far from it (largest
 component, holes filled); shape = best template fit to the foreground's bounding box; outline =
-share of white / black pixels 2-3 pixels inside the edge that differ from the fill further in; colour = brightness-normalised median of
+share of white / black pixels 2-3 pixels inside the edge that differ from the fill further in;
+colour = brightness-normalised median of
 the bright interior; pattern = best phase-searched correlation of interior brightness with each
 pattern. Every reader answers "unknown" when no palette value fits within its margin, because
 generated samples can be wrong in ways a nearest-neighbour rule would hide.
@@ -128,7 +129,9 @@ def read_outline(rgb, mask):
     layer and shows on at least three sides; there is none when no colour fills a side beyond one: a
     dark band along one edge of a striped shape is not an outline.
     """
-    layer = lambda d: erode(mask, d - 1) & ~erode(mask, d)  # noqa: E731; depth d, 1 = the edge pixels
+    def layer(d):  # depth d, 1 = the edge pixels
+        return erode(mask, d - 1) & ~erode(mask, d)
+
     shares = [_ring_shares(rgb, layer(d), layer(d + RING_INNER))
               for d in (2, 3) if layer(d).any()]  # layer 1 mixes fill and background
     if not shares:

@@ -10,7 +10,6 @@ import os
 import numpy as np
 
 from ldm.cli import UsageError, one_line
-from ldm.data.images import list_images, load_rgb
 from ldm.data.shapes.readers import read_attributes
 
 PLACEHOLDER = "*"

