@@ -101,9 +101,12 @@ class EmbeddingManager(nn.Module):
         """Whether the encoder's forward must be recorded for autograd (input injection only)."""
         return self.injection == "input"
 
+    def _allow(self, placeholder):
+        """Whether `placeholder` may be a vocabulary word (the reference's per-image letters always may)."""
+        return self.allow_existing_token or placeholder in PER_IMAGE_TOKENS
+
     def _token_ids(self, placeholder, num_vectors):
-        allow = self.allow_existing_token or placeholder in PER_IMAGE_TOKENS  # the reference's per-image letters
-        return self.vocab.token_ids(placeholder, num_vectors, allow)
+        return self.vocab.token_ids(placeholder, num_vectors, self._allow(placeholder))
 
     def _add_placeholder(self, placeholder, init_word, num_vectors):
         """Register `placeholder` with `num_vectors` vectors started from `init_word` -> its token ids."""
@@ -235,8 +238,8 @@ class EmbeddingManager(nn.Module):
         The vector count comes from the file; `name` names the placeholder of files without one (kohya).
         Build the optimizer after loading: the parameters are new objects. A file this manager cannot use raises
         EmbeddingFileError, one line naming it, before the placeholders and vectors change. The manager's own work
-        grows linearly with the file (one registration per new token, checks by dict lookups), and a placeholder
-        holds at most the tokens a prompt holds.
+        grows linearly with the file (all new tokens registered in one call, checks by dict lookups), and a
+        placeholder holds at most the tokens a prompt holds.
         """
         emb = read_embeddings(path, name)
         self._check_compatible(path, emb)
@@ -285,6 +288,8 @@ class EmbeddingManager(nn.Module):
         (a vocabulary word without allow_existing_token, two placeholders on one token)."""
         ids, owners = {}, {}
         try:
+            names = [n for p, count in counts.items() for n in self.vocab.new_token_names(p, count, self._allow(p))]
+            self.vocab.encoder.add_placeholder_tokens(names)  # every new token in one registration
             for placeholder, count in counts.items():
                 ids[placeholder] = self._token_ids(placeholder, count)
                 _claim(owners, placeholder, ids[placeholder])

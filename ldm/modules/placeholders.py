@@ -59,6 +59,12 @@ class PlaceholderVocabulary:
 
     def token_ids(self, string, num_vectors, allow_existing=False):
         """-> tuple of num_vectors ids: (id,) * n for a vocabulary token, else the ids of registered tokens."""
+        names = self.new_token_names(string, num_vectors, allow_existing)
+        return self.encoder.add_placeholder_tokens(names) if names else (self.vocabulary_token(string),) * num_vectors
+
+    def new_token_names(self, string, num_vectors, allow_existing=False):
+        """The tokens `string` with `num_vectors` vectors needs registered ([] for a vocabulary token), after its
+        checks (one line each)."""
         if not string.strip() or "." in string:
             raise ValueError(f"placeholder {string!r} is empty or holds a '.', which parameter names cannot: use a "
                              "string such as '*' or '<my-cat>'")
@@ -70,13 +76,13 @@ class PlaceholderVocabulary:
                     f"({self.encoder_name}), so training it would change what '{string}' means: pick a new string "
                     f"such as '<{string}-1>' (it becomes a new token) or set allow_existing_token: true "
                     "(train_new.py --allow_existing_token)")
-            return (existing,) * num_vectors
+            return []
         names = [string] + [f"{string}_{i}" for i in range(1, num_vectors)]
         for name in names[1:]:
             if self.vocabulary_token(name) is not None:
                 raise ValueError(f"'{name}', the token of vector {names.index(name)} of placeholder '{string}', is "
                                  f"already in the vocabulary of {self.encoder_name}: pick another placeholder")
-        return tuple(self.encoder.add_placeholder_token(name) for name in names)
+        return names
 
     def context_id(self, placeholder, ids, init_pieces):
         """The in-table id the encoder looks up at the placeholder's positions before the manager acts:

@@ -40,12 +40,16 @@ class TextEncoder(AbstractEncoder):
     def unk_token_id(self):
         return self._require_tokenizer().unk_token_id
 
-    def add_placeholder_token(self, string):
-        """Register `string` as a whole-word token of this encoder's tokenizer -> its id.
+    def add_placeholder_tokens(self, strings):
+        """Register each of `strings` as a whole-word token of this encoder's tokenizer -> their ids (one call).
 
-        The id may lie past the token-embedding table: the embedding manager maps it before the lookup.
+        The ids may lie past the token-embedding table: the embedding manager maps them before the lookup.
         """
-        return self._require_tokenizer().add_placeholder(string)
+        return self._require_tokenizer().add_placeholders(strings)
+
+    def add_placeholder_token(self, string):
+        """add_placeholder_tokens of one string -> its id."""
+        return self.add_placeholder_tokens([string])[0]
 
     def placeholder_token_id(self, string):
         """The id `add_placeholder_token` gave `string`, or None."""

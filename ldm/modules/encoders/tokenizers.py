@@ -37,7 +37,7 @@ class TextTokenizer:
     def __init__(self, tokenizer, max_length):
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.placeholder_ids = {}  # strings added by add_placeholder -> their ids
+        self.placeholder_ids = {}  # strings added by add_placeholders -> their ids
         self._owns_tokenizer = False
         self._ids = {}  # caption -> (max_length,) ids: a TI run tokenizes the same few captions at every step
 
@@ -62,18 +62,20 @@ class TextTokenizer:
     def unk_token_id(self):
         return self.tokenizer.unk_token_id
 
-    def add_placeholder(self, string):
-        """Add `string` as one whole-word token and return its id (the same id when added before)."""
+    def add_placeholders(self, strings):
+        """Add each of `strings` as one whole-word token -> their ids (the same ids for strings added before). The
+        new ones are added in one call: the tokenizer rebuilds its matcher of added tokens at every call."""
         from tokenizers import AddedToken
 
-        if string not in self.placeholder_ids:
+        new = [s for s in dict.fromkeys(strings) if s not in self.placeholder_ids]
+        if new:
             if not self._owns_tokenizer:
                 self.tokenizer, self._owns_tokenizer = copy.deepcopy(self.tokenizer), True
             # single_word: 'sks' must not match inside 'asks'
-            self.tokenizer.add_tokens([AddedToken(string, single_word=True)])
+            self.tokenizer.add_tokens([AddedToken(s, single_word=True) for s in new])
             self._ids.clear()
-            self.placeholder_ids[string] = self.tokenizer.convert_tokens_to_ids(string)
-        return self.placeholder_ids[string]
+            self.placeholder_ids.update({s: self.tokenizer.convert_tokens_to_ids(s) for s in new})
+        return tuple(self.placeholder_ids[s] for s in strings)
 
 
 def checked_size(tokenizer, source, expected, fix):
