@@ -8,10 +8,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
@@ -24,13 +22,9 @@ EXIT = {"SIGKILL": -9, "SIGTERM": 143, "SIGINT": 130}
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("faultdata")
-    for i in range(3):
-        arr = np.full((16, 16, 3), 30 + 60 * i, np.uint8)
-        arr[3:13, 3:13] = (220, 40, 40)
-        Image.fromarray(arr).save(folder / f"{i}.png")
-    return str(folder)
+def images(tiny_concept):
+    """Two 16x16 images of a red square (tests/conftest.py)."""
+    return tiny_concept
 
 
 def train(ckpt, images, logdir, name, *extra):

@@ -6,7 +6,6 @@ import sqlite3
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -14,13 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("experience")
-    for i in range(2):
-        arr = np.full((16, 16, 3), 40 + 100 * i, np.uint8)
-        arr[4:12, 4:12] = (200, 30, 30)
-        Image.fromarray(arr).save(folder / f"{i}.png")
-    return str(folder)
+def images(tiny_concept):
+    """Two 16x16 images of a red square (tests/conftest.py)."""
+    return tiny_concept
 
 
 def train(images, logdir, *extra, ckpt=None, env=()):
