@@ -1,5 +1,5 @@
-"""Bad checkpoints through load.read_state_dict and train_new.py --actual_resume: one line naming the file, exit 2,
-and never a pickled call run."""
+"""Bad checkpoints through ldm.checkpoints.read_state_dict and train_new.py --actual_resume: one line naming the
+file, exit 2, and never a pickled call run."""
 import argparse
 import builtins
 import os
@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import load
-from load import CheckpointError, read_state_dict
+from ldm import checkpoints
+from ldm.checkpoints import CheckpointError, read_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/tiny/txt2img-tiny-finetune.yaml"
@@ -204,9 +204,9 @@ def test_a_stand_in_cannot_be_called_or_built(fake_module, tmp_path, opcodes, ex
 
 
 def test_a_stand_in_class_refuses_every_instantiation():
-    stand_in = load._stand_in("pkg.Thing")
+    stand_in = checkpoints._stand_in("pkg.Thing")
     for make in (stand_in, lambda: stand_in.__new__(stand_in), lambda: stand_in("touch MARKER")):
-        with pytest.raises(load.PickledCall, match="pkg.Thing"):
+        with pytest.raises(checkpoints.PickledCall, match="pkg.Thing"):
             make()
 
 

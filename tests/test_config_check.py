@@ -152,7 +152,7 @@ BAD = [  # (id, dotlist, what the line must hold)
     ("lightning-logger-not-names", ["lightning.logger.save_dir=x"],
      ["lightning.logger: expected logger names", "(the command line)"]),
     ("callback-param", ["lightning.callbacks.image_logger.params.batch_frequncy=10"],
-     ["lightning.callbacks.image_logger.params.batch_frequncy:", "make_log_new.ImageLogger",
+     ["lightning.callbacks.image_logger.params.batch_frequncy:", "ldm.callbacks.ImageLogger",
       "did you mean lightning.callbacks.image_logger.params.batch_frequency?"]),
     ("callback-without-target", ["lightning.callbacks.image_loger.params.batch_frequency=10"],
      ["lightning.callbacks.image_loger: has no target (the command line)",
