@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 from check.clip_similarity import clip_pixels
 from ldm.checkpoints import load_model_from_config, load_state_dict_into, read_config
 from ldm.cli import UsageError, one_line, run_command
-from ldm.config_check import untrusted_targets
+from ldm.config_check import TRUSTED_MODULES, untrusted_targets
 from ldm.data.images import list_images, load_rgb
 from ldm.data.shapes.scores import FIDELITY_PROMPT, evaluate_concept, format_table, read_spec
 from ldm.models.diffusion.sampling import SAMPLERS, SPACINGS, sample_latents
@@ -54,8 +54,6 @@ CLIP_FOLDERS = ("a folder saved with transformers' CLIPModel.save_pretrained (cl
                 "(open_clip_config.json + open_clip_pytorch_model.bin or .safetensors)")
 PLOT_FORMATS = ("png", "pdf", "svg")
 GS_FILE = re.compile(r"embeddings_gs-(\d+)\.pt")
-# What a run folder's model config may build (the framework's own classes); others need --trust_configs.
-TRUSTED_MODULES = ("ldm", "improvement", "torch.nn")
 
 
 # ---- CLIP -----------------------------------------------------------------------------------------------------

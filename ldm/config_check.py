@@ -47,7 +47,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ldm.cli import UsageError
 
 __all__ = ["load_config_file", "overrides_config", "check_config", "untrusted_targets", "COMMAND_LINE",
-           "SECTIONS", "LIGHTNING_SECTIONS"]
+           "TRUSTED_MODULES", "SECTIONS", "LIGHTNING_SECTIONS"]
 
 COMMAND_LINE = "the command line"
 SECTIONS = ("model", "data", "lightning", "run")
@@ -58,6 +58,10 @@ NODE_EXTRAS = {("model",): {"base_learning_rate": {"int", "float"}}}
 # templates of ldm.data.personalized (e.g. templates: ldm.data.shapes.palette.TEMPLATES).
 DOTTED_NAME_KEYS = ("target", "templates")
 # String values that stand for "no module" in latent-diffusion configs (instantiate_from_config returns None).
+# What a saved config may name without --trust_configs: this framework's modules and the torch and Lightning classes
+# its configs use (untrusted_targets lists the rest).
+TRUSTED_MODULES = ("ldm", "improvement", "make_log_new", "setup", "torch.nn", "torch.optim",
+                   "pytorch_lightning.callbacks", "pytorch_lightning.loggers")
 SENTINELS = ("__is_first_stage__", "__is_unconditional__")
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 # Types that neither an annotation nor a default gives, or where the default says less than the code accepts

@@ -35,7 +35,14 @@ from ldm.callbacks import (
 )
 from ldm.checkpoints import load_state_dict_into
 from ldm.cli import ArgumentParser, UsageError, run_command
-from ldm.config_check import COMMAND_LINE, check_config, load_config_file, overrides_config, untrusted_targets
+from ldm.config_check import (
+    COMMAND_LINE,
+    TRUSTED_MODULES,
+    check_config,
+    load_config_file,
+    overrides_config,
+    untrusted_targets,
+)
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -142,8 +149,6 @@ def resolve_resume(opt):
 
 # the image logger as the original's configs name it (its main.py, this framework's make_log_new.py)
 IMAGE_LOGGER_ALIASES = {name: "ldm.callbacks.ImageLogger" for name in ("main.ImageLogger", "make_log_new.ImageLogger")}
-TRUSTED_MODULES = ("ldm.", "improvement.", "make_log_new.", "setup.", "torch.nn.", "torch.optim.",
-                   "pytorch_lightning.callbacks.", "pytorch_lightning.loggers.")
 
 
 def refuse_outside_code(paths):
