@@ -24,3 +24,6 @@ pip install -q hatchling editables  # build this package without fetching a buil
 pip install -q -c .venv/constraints.txt --no-build-isolation -e ".[${EXTRAS:-test}]"
 pip install -q --no-deps $(python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['tool']['textual-inversion']['no-deps']))")
 python -c "import torch, pytorch_lightning, transformers, taming.modules.vqvae.quantize; print('installed: torch', torch.__version__, '| lightning', pytorch_lightning.__version__)"
+case ",${EXTRAS:-test}," in  # the diffusers interop tests need it importable, not only installed
+  *,interop,*) python -c "import diffusers; print('interop: diffusers', diffusers.__version__)" ;;
+esac

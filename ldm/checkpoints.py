@@ -21,7 +21,8 @@ from ldm.config_check import load_config_file as read_config  # the commands' co
 from ldm.util import get_obj_from_str, instantiate_from_config
 
 __all__ = ["get_obj_from_str", "instantiate_from_config", "read_config", "CheckpointError", "checkpoint_format",
-           "read_state_dict", "load_state_dict_into", "warm_start", "load_model_from_config"]
+           "read_state_dict", "read_model_weights", "ema_weights", "check_model_path", "load_state_dict_into",
+           "warm_start", "load_model_from_config"]
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ def checkpoint_format(path):
     counts too); a missing file, a folder, an empty or unreadable file or any other file -> one clear error."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is a folder, not a file: give the .ckpt or .safetensors file in it")
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file: give the .ckpt or .safetensors file in it, "
+                              "or a diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (give the path of a .ckpt or .safetensors file)")
     try:
@@ -208,17 +210,72 @@ def read_state_dict(path):
     return _state_dict_of(path, _torch_load(path))
 
 
-def load_state_dict_into(model, path, strict=True, ignore_prefixes=(), allow_missing_prefixes=("embedding_manager.",)):
-    """Load `path` into `model`, dropping documented extras; strict mismatches raise one summary line."""
+def check_model_path(path, flag):
+    """Refuse, before a model is built, a `flag` value (--ckpt_path, --actual_resume) that is neither a readable
+    checkpoint file nor a diffusers pipeline folder: one line."""
+    from ldm.diffusers_layout import is_diffusers_folder
+
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path} not found: give the model's .ckpt or .safetensors file or its diffusers "
+                         "folder")
+    if not is_diffusers_folder(path):
+        checkpoint_format(path)
+
+
+def read_model_weights(path, use_ema=False):
+    """The weights of a whole model in our (LDM) key names -> (state_dict, info): a checkpoint file as
+    read_state_dict reads it, or a diffusers SD 1.x folder converted in memory (ldm.diffusers_layout).
+
+    A file holding both `model.*` and its EMA copies `model_ema.*` gives `model.*`, as the original scripts do;
+    use_ema=True gives the EMA copies instead (all of them, or one line: never a mix)."""
+    from ldm.diffusers_layout import is_diffusers_folder, read_diffusers_folder
+
+    if is_diffusers_folder(path):
+        if use_ema:
+            raise UsageError(f"{path} is a diffusers folder, which holds one set of UNet weights and no EMA copies: "
+                             "leave out --use_ema")
+        return read_diffusers_folder(path), {}
     sd, info = read_state_dict(path)
+    if use_ema:
+        return ema_weights(path, sd), info
+    if any(k.startswith("model_ema.") and k not in EMA_COUNTERS for k in sd):
+        log.info("%s holds EMA copies of the UNet: using its model.* weights (--use_ema for the EMA ones)",
+                 os.path.basename(path))
+    return sd, info
+
+
+EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")
+
+
+def ema_weights(path, sd):
+    """`sd` with every `model.*` tensor replaced by its EMA copy: LitEma stores model.a.b.c as model_ema.abc
+    (dots removed). A file without a copy of each -> one line."""
+    names = [k for k in sd if k.startswith("model.")]
+    copies = {k: "model_ema." + k[len("model."):].replace(".", "") for k in names}
+    lacking = [k for k in names if copies[k] not in sd]
+    if not names or lacking:
+        what = f"EMA copy (model_ema.*) of {lacking[0]}" if lacking else "UNet weights (model.*)"
+        raise CheckpointError(f"{path} has no {what}: leave out --use_ema to use the weights it has")
+    out = {k: v for k, v in sd.items() if not k.startswith(("model.", "model_ema."))}
+    out.update({k: sd[copies[k]] for k in names})
+    return out
+
+
+def load_state_dict_into(model, path, strict=True, ignore_prefixes=(), allow_missing_prefixes=("embedding_manager.",),
+                         use_ema=False):
+    """Load `path` (a checkpoint file or a diffusers folder) into `model`, dropping documented extras; strict
+    mismatches raise one summary line. use_ema: the file's EMA UNet weights instead of model.* (read_model_weights).
+    Tensors saved in another precision (fp16) are copied into the model's own dtype."""
+    sd, info = read_model_weights(path, use_ema)
     dropped = [k for k in sd
                if any(p.match(k) for p in IGNORED_CHECKPOINT_KEYS) or k.startswith(tuple(ignore_prefixes))]
     for k in dropped:
         sd.pop(k)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     allowed = tuple(allow_missing_prefixes) + tuple(getattr(model, "new_parameter_prefixes", ()))
-    missing = [k for k in missing if not k.startswith(allowed)]
-    summary = (f"{os.path.basename(path)}: {len(sd)} tensors loaded, {len(missing)} missing, "
+    computed = computed_buffers(model, path)
+    missing = [k for k in missing if not k.startswith(allowed) and k not in computed]
+    summary = (f"{os.path.basename(os.path.normpath(path))}: {len(sd)} tensors loaded, {len(missing)} missing, "
                f"{len(unexpected)} unexpected, {len(dropped)} ignored (EMA/buffers)")
     if (missing or unexpected) and strict:
         raise UsageError(f"{summary} - checkpoint does not fit this config (another architecture?); "
@@ -227,6 +284,14 @@ def load_state_dict_into(model, path, strict=True, ignore_prefixes=(), allow_mis
     if hasattr(model, "on_weights_loaded"):
         model.on_weights_loaded(list(sd))
     return {"missing": missing, "unexpected": unexpected, "dropped": dropped, "summary": summary, **info}
+
+
+def computed_buffers(model, path):
+    """The model's buffers a diffusers folder has no copy of (the diffusion schedule: the config computes it), else
+    none: a checkpoint file carries them."""
+    from ldm.diffusers_layout import is_diffusers_folder
+
+    return {name for name, _ in model.named_buffers()} if is_diffusers_folder(path) else set()
 
 
 def warm_start(model, path, skip=()):
@@ -243,12 +308,22 @@ def warm_start(model, path, skip=()):
     return list(shared)
 
 
-def load_model_from_config(config, ckpt, strict=True, verbose=False):
-    """Build `config.model` (or `config` itself if it has a target) and load `ckpt` into it; eval mode."""
+def prepare_model_config(model_config, ckpt):
+    """Adapt a model config (edited in place) to the weights it will load: a diffusers folder's tokenizer."""
+    from ldm.diffusers_layout import is_diffusers_folder, prepare_config
+
+    if ckpt is not None and is_diffusers_folder(ckpt):
+        prepare_config(model_config, os.fspath(ckpt))
+
+
+def load_model_from_config(config, ckpt, strict=True, verbose=False, use_ema=False):
+    """Build `config.model` (or `config` itself if it has a target) and load `ckpt` (a checkpoint file or a
+    diffusers folder) into it; eval mode."""
     model_config = config.model if "model" in config else config
+    prepare_model_config(model_config, ckpt)
     model = instantiate_from_config(model_config)
     if ckpt is not None:
-        report = load_state_dict_into(model, ckpt, strict=strict)
+        report = load_state_dict_into(model, ckpt, strict=strict, use_ema=use_ema)
         if verbose:
             print(report["summary"])
     return model.eval()

@@ -6,7 +6,7 @@
     check_config(config, sources, checkpoint_cls=ModelCheckpoint, run_keys=("data_root", ...))
 
 What check_config checks (the first problem found is raised):
-- top-level sections: model, data, lightning, run;
+- top-level sections: model, data, lightning, run, sampling;
 - every target node (`{target: dotted.path, params: {...}}`): its target imports, its sibling keys (target, params;
   model also base_learning_rate), and each `params` key is a parameter of the target. A `**kwargs` is followed:
   forwarded to `super().__init__` (the next class of the MRO) or to a named class or function, it accepts that
@@ -21,7 +21,9 @@ What check_config checks (the first problem found is raised):
   `templates` must import;
 - lightning: trainer (pytorch_lightning.Trainer's parameters and annotations), callbacks (target nodes),
   modelcheckpoint.params (the caller's checkpoint class);
-- run: the keys the caller names.
+- run: the keys the caller names;
+- sampling: txt2img's defaults for the model (SAMPLING_KEYS: flag names and their types), e.g.
+  `sampling: {H: 512, W: 512, ddim_steps: 50, scale: 7.5}`; flags given on the command line win.
 
 untrusted_targets lists the dotted names a config would import (targets, caption templates) outside trusted
 packages without importing anything: configs are code, so a saved run folder's configs are checked before use.
@@ -46,11 +48,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.cli import UsageError
 
-__all__ = ["load_config_file", "overrides_config", "check_config", "untrusted_targets", "COMMAND_LINE",
-           "TRUSTED_MODULES", "SECTIONS", "LIGHTNING_SECTIONS"]
+__all__ = ["load_config_file", "overrides_config", "check_config", "check_sampling", "untrusted_targets",
+           "COMMAND_LINE", "TRUSTED_MODULES", "SECTIONS", "LIGHTNING_SECTIONS", "SAMPLING_KEYS"]
 
 COMMAND_LINE = "the command line"
-SECTIONS = ("model", "data", "lightning", "run")
+SECTIONS = ("model", "data", "lightning", "run", "sampling")
+# the `sampling` section: txt2img flags a model config may set the default of, and their kinds
+SAMPLING_KEYS = {"H": {"int"}, "W": {"int"}, "ddim_steps": {"int"}, "scale": {"float"}}
 LIGHTNING_SECTIONS = ("trainer", "callbacks", "modelcheckpoint", "logger")
 # Keys a target node may hold besides target and params, by the node's path; their expected types.
 NODE_EXTRAS = {("model",): {"base_learning_rate": {"int", "float"}}}
@@ -180,6 +184,13 @@ def check_config(config, sources=(), checkpoint_cls=None, run_keys=None, aliases
     checker.check(_plain(config))
 
 
+def check_sampling(config, sources=()):
+    """Check the `sampling` section of a merged model config alone (txt2img reads no other section's rules)."""
+    node = _plain(config).get("sampling") if config is not None else None
+    if node is not None and not _skipped(node):
+        _Checker(sources, None, None, {}, True).sampling(("sampling",), node)
+
+
 def _plain(config):
     if isinstance(config, (DictConfig, ListConfig)):
         return OmegaConf.to_container(config, resolve=False)
@@ -234,12 +245,23 @@ class _Checker:
                 self.target_node(path, value, required=not self.partial)
             elif key == "lightning":
                 self.lightning(path, value)
+            elif key == "sampling":
+                self.sampling(path, value)
             elif key == "run":
                 self.expect_mapping(path, value)
                 if self.run_keys is not None:
                     for k in value:
                         if k not in self.run_keys:
                             self.unknown(path + (k,), self.run_keys, "not a run setting")
+
+    def sampling(self, path, node):
+        self.expect_mapping(path, node)
+        for key, value in node.items():
+            if key not in SAMPLING_KEYS:
+                self.unknown(path + (key,), list(SAMPLING_KEYS), "not a txt2img setting")
+            problem = None if _skipped(value) else _type_problem(value, SAMPLING_KEYS[key])
+            if problem:
+                self.fail(path + (key,), problem, "e.g. sampling: {H: 512, W: 512, ddim_steps: 50, scale: 7.5}")
 
     def lightning(self, path, node):
         self.expect_mapping(path, node)

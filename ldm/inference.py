@@ -13,12 +13,12 @@ import os
 import re
 
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from ldm.checkpoints import checkpoint_format, load_model_from_config, read_config, read_state_dict
+from ldm.checkpoints import check_model_path, load_model_from_config, read_state_dict
 from ldm.cli import ArgumentParser, UsageError, run_command
+from ldm.inference_model import resolve_model
 from ldm.models.diffusion.sampling import SAMPLERS, SPACINGS, sample_latents
 from ldm.modules.diffusionmodules.openaimodel import Downsample
 from ldm.util import require_finite, require_positive, write_numbered
@@ -27,9 +27,15 @@ log = logging.getLogger(__name__)
 
 USAGE = """Sample images from a text prompt, optionally with a learned textual-inversion embedding.
 
-    python txt2img.py --embedding_path logs/RUN/checkpoints/embeddings.pt \
-        --ckpt_path models/ldm/text2img-large/model.ckpt --prompt "a photo of *" \
-        --ddim_steps 50 --outdir outputs/NAME --scale 7.5 --n_samples 4 --n_iter 1 --ddim_eta 0.0
+    python txt2img.py --embedding_path logs/RUN/checkpoints/embeddings.pt --prompt "a photo of *"
+    python txt2img.py --config configs/stable-diffusion/v1-inference.yaml --ckpt_path MODEL \
+        --embedding_path EMBEDDING --prompt "a photo of *" --outdir outputs/NAME --n_samples 4
+
+An embedding inside a training run (logs/RUN/checkpoints/) samples with the model the run trained on (its saved
+config and --actual_resume) unless --config/--ckpt_path say otherwise. --ckpt_path takes a .ckpt, a single-file
+.safetensors (fp32 or fp16; its model.* UNet weights, --use_ema for its EMA copies) or a diffusers SD 1.x folder.
+--H, --W, --ddim_steps and --scale default to the config's `sampling:` block (SD 1.x 512, SD 2.x-v 768), else
+256, 256, 200 and 5.0. --embedding_path takes any embedding file or a diffusers concept folder.
 
 An autoregressive config (ldm.models.autoregressive.ar.ARTextToImage, e.g. models/ar/tiny-shapes/config.yaml)
 samples codes instead: --top_k, --top_p and --temperature apply, the diffusion sampler options do not.
@@ -49,21 +55,22 @@ class SampleOptions:
     prompt: str = "a painting of a virus monster playing guitar"
     from_file: str = None
     outdir: str = "outputs/txt2img-samples"
-    ddim_steps: int = 200
+    ddim_steps: int = None  # None: the model config's `sampling` block (ldm.inference_model)
     plms: bool = False
     sampler: str = "ddim"
     spacing: str = None
     ddim_eta: float = 0.0
     n_iter: int = 1
-    H: int = 256
-    W: int = 256
+    H: int = None
+    W: int = None
     n_samples: int = 4
-    scale: float = 5.0
+    scale: float = None
     top_k: int = 0
     top_p: float = 1.0
     temperature: float = 1.0
-    config: list = dataclasses.field(default_factory=lambda: ["configs/latent-diffusion/txt2img-1p4B-eval.yaml"])
-    ckpt_path: str = "models/ldm/text2img-large/model.ckpt"
+    config: list = None  # None: the config of the run --embedding_path comes from
+    ckpt_path: str = None  # None: that run's --actual_resume
+    use_ema: bool = False
     embedding_path: str = None
     modules_path: str = None
     seed: int = 42
@@ -120,22 +127,23 @@ def size_factor(model):
 
 
 def check_inputs(opt):
-    """Refuse a missing embedding, and a checkpoint that is missing or no checkpoint (a folder, an empty or foreign
-    file), before the model is built."""
-    if not os.path.exists(opt.ckpt_path):
-        raise FileNotFoundError(f"--ckpt_path {opt.ckpt_path} not found")
-    checkpoint_format(opt.ckpt_path)
-    if opt.embedding_path and not os.path.isfile(opt.embedding_path):
-        raise FileNotFoundError(f"--embedding_path {opt.embedding_path} not found")
+    """Refuse a missing embedding, and weights that are missing or no checkpoint (an empty or foreign file, a folder
+    that is no diffusers pipeline), before the model is built."""
+    check_model_path(opt.ckpt_path, "--ckpt_path")
+    if opt.embedding_path and not os.path.exists(opt.embedding_path):
+        raise FileNotFoundError(f"--embedding_path {opt.embedding_path} not found: give an embedding file or a "
+                                "diffusers concept folder")
 
 
-def load_model(opt):
-    config = OmegaConf.merge(*map(read_config, opt.config))
+def load_model(opt, config=None):
+    """The model of `opt` (its configs, weights, embedding and trained modules) on opt.device; config: the merged
+    config resolve_model returned (read again if None)."""
+    config = config if config is not None else resolve_model(opt)
     check_inputs(opt)
     params = config.model.params
     if opt.embedding_path and params.get("personalization_config") is None:
         params.personalization_config = DEFAULT_MANAGER
-    model = load_model_from_config(config, opt.ckpt_path)
+    model = load_model_from_config(config, opt.ckpt_path, use_ema=opt.use_ema)
     if opt.embedding_path:
         model.embedding_manager.load(opt.embedding_path)
     modules = opt.modules_path or modules_beside(opt.embedding_path)
@@ -262,13 +270,15 @@ def sample_prompt(model, prompt, opt, generator, sample_dir):
 
 @torch.no_grad()
 def run(opt):
-    """Sample every prompt of `opt` -> the paths of the samples written."""
+    """Sample every prompt of `opt` -> the paths of the samples written. overlays: configs merged after the
+    model's (opt.overlays, set by `main`)."""
+    config = resolve_model(opt, getattr(opt, "overlays", ()))
     check_options(opt)
     prompts = read_prompts(opt)
     sample_dir = os.path.join(opt.outdir, "samples")
     os.makedirs(sample_dir, exist_ok=True)  # an --outdir that cannot be written fails before the model loads
     torch.manual_seed(opt.seed)
-    model = load_model(opt)
+    model = load_model(opt, config)
     check_size(model, opt)
     generator = torch.Generator(opt.device).manual_seed(opt.seed)
     return [path for prompt in prompts for path in sample_prompt(model, prompt, opt, generator, sample_dir)]
@@ -281,7 +291,7 @@ def get_parser(default_config=None, default_ckpt=None):
     p.add_argument("--prompt", default=d.prompt)
     p.add_argument("--from-file", dest="from_file", default=None, help="one prompt per line")
     p.add_argument("--outdir", default=d.outdir)
-    p.add_argument("--ddim_steps", type=int, default=d.ddim_steps)
+    p.add_argument("--ddim_steps", type=int, default=None, help="default: the config's sampling block, else 200")
     p.add_argument("--plms", action="store_true", help="PLMS sampling instead of DDIM (same as --sampler plms)")
     p.add_argument("--sampler", default=d.sampler, choices=sorted(SAMPLERS),
                    help="dpmpp_2m: DPM-Solver++(2M), good in about 20 steps")
@@ -289,18 +299,24 @@ def get_parser(default_config=None, default_ckpt=None):
                    help="timestep grid (default: uniform for ddim and plms, as the reference; logsnr for dpmpp_2m)")
     p.add_argument("--ddim_eta", type=float, default=d.ddim_eta, help="0 is deterministic DDIM")
     p.add_argument("--n_iter", type=int, default=d.n_iter, help="batches per prompt")
-    p.add_argument("--H", type=int, default=d.H)
-    p.add_argument("--W", type=int, default=d.W)
+    p.add_argument("--H", type=int, default=None, help="image height (default: the config's sampling block, else 256)")
+    p.add_argument("--W", type=int, default=None, help="image width (default: the config's sampling block, else 256)")
     p.add_argument("--n_samples", type=int, default=d.n_samples, help="images per batch")
-    p.add_argument("--scale", type=float, default=d.scale, help="classifier-free guidance scale")
+    p.add_argument("--scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the config's sampling block, else 5.0)")
     p.add_argument("--top_k", type=int, default=d.top_k,
                    help="autoregressive models: keep the k likeliest codes (0: all)")
     p.add_argument("--top_p", type=float, default=d.top_p, help="autoregressive models: nucleus mass kept")
     p.add_argument("--temperature", type=float, default=d.temperature, help="autoregressive models: logit temperature")
     p.add_argument("--config", nargs="+", default=[default_config] if isinstance(default_config, str) else
-                   list(default_config), help="model config(s), merged left to right")
-    p.add_argument("--ckpt_path", default=default_ckpt or d.ckpt_path)
-    p.add_argument("--embedding_path", default=None, help="learned embedding file (embeddings.pt)")
+                   default_config, help="model config(s), merged left to right (default: the embedding's run's)")
+    p.add_argument("--ckpt_path", default=default_ckpt,
+                   help="model weights: .ckpt, .safetensors or a diffusers folder (default: the embedding's run's "
+                        "--actual_resume)")
+    p.add_argument("--use_ema", action="store_true",
+                   help="sample with the checkpoint's EMA UNet weights (model_ema.*) instead of model.*")
+    p.add_argument("--embedding_path", default=None,
+                   help="learned embedding (embeddings.pt, any supported format, or a diffusers concept folder)")
     p.add_argument("--modules_path", default=None,
                    help="trained conditioner modules (default: modules.safetensors beside --embedding_path, if any)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -313,5 +329,5 @@ def main(argv=None, overlays=(), **defaults):
     """overlays: configs merged after --config (the improvement entry points add their conditioner's)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opt = get_parser(**defaults).parse_args(argv)
-    opt.config = list(opt.config) + [o for o in overlays if o not in opt.config]
+    opt.overlays = tuple(overlays)
     return run_command(functools.partial(run, opt), opt.debug)

@@ -33,7 +33,7 @@ from ldm.callbacks import (
     VectorsMustMove,
     quiet_console,
 )
-from ldm.checkpoints import load_state_dict_into
+from ldm.checkpoints import check_model_path, load_state_dict_into, prepare_model_config
 from ldm.cli import ArgumentParser, UsageError, run_command
 from ldm.config_check import (
     COMMAND_LINE,
@@ -62,7 +62,8 @@ Run = namedtuple("Run", "logdir model trainer")
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 RUN_KEYS = ("actual_resume", "data_root", "init_word", "placeholder_string", "allow_existing_token",
-            "from_scratch")  # flags kept in the config's run section
+            "from_scratch", "use_ema")  # flags kept in the config's run section
+SWITCHES = ("from_scratch", "use_ema")  # recorded only when given
 LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
 
 
@@ -92,6 +93,7 @@ class TrainOptions:
     validation_every: int = None
     logger: str = None
     from_scratch: bool = False
+    use_ema: bool = False
     trust_configs: bool = False
     debug: bool = False
 
@@ -210,7 +212,7 @@ def build_config(opt, dotlist):
                  aliases=IMAGE_LOGGER_ALIASES)
     run = config.get("run", OmegaConf.create())
     for key in RUN_KEYS:
-        value = getattr(opt, key) if key != "from_scratch" else (opt.from_scratch or None)
+        value = getattr(opt, key) if key not in SWITCHES else (getattr(opt, key) or None)
         if isinstance(value, str) and not value.strip():
             raise UsageError(f"--{key} is empty: give a value (e.g. --init_word dog --placeholder_string '*') "
                              "or leave the flag out to keep the config's")
@@ -274,7 +276,7 @@ def make_callbacks(opt, config, lightning_config, now, logdir, signals):
     if validation is not None:
         callbacks.append(validation)
     for name, cfg in (lightning_config.get("callbacks") or {}).items():
-        if name == "validation":  # built above, with the flags applied
+        if name == "validation" or cfg is None:  # built above, with the flags applied; or turned off (null)
             continue
         if name == "image_logger" and cfg.target in IMAGE_LOGGER_ALIASES:
             callbacks.append(ImageLogger(**cfg.get("params", {})))
@@ -341,13 +343,14 @@ def logger_names(opt, lightning_config):
 def build_model(config, opt):
     ckpt = config.run.get("actual_resume")
     if not ckpt and not config.run.get("from_scratch") and not names_weights(config.model):
-        raise UsageError("no pretrained weights: give the model with --actual_resume MODEL.ckpt (or .safetensors), or "
-                         "pass --from_scratch to train from random weights")
+        raise UsageError("no pretrained weights: give the model with --actual_resume MODEL.ckpt (or .safetensors, or "
+                         "a diffusers folder), or pass --from_scratch to train from random weights")
+    if ckpt:
+        check_model_path(ckpt, "--actual_resume")
+        prepare_model_config(config.model, ckpt)
     model = instantiate_from_config(config.model)
     if ckpt:
-        if not os.path.isfile(ckpt):
-            raise UsageError(f"--actual_resume {ckpt} not found (give the pretrained model checkpoint)")
-        load_state_dict_into(model, ckpt)
+        load_state_dict_into(model, ckpt, use_ema=bool(config.run.get("use_ema")))
     if opt.embedding_manager_ckpt:
         model.embedding_manager.load(opt.embedding_manager_ckpt)
     return model
@@ -424,7 +427,8 @@ def get_parser(default_base=()):
     p.add_argument("--num_nodes", type=int, default=1)
     p.add_argument("--scale_lr", type=_bool, default=True, help="lr = base_lr x batch x devices x accumulation")
     p.add_argument("--no-test", action="store_true", help="skip testing after training")
-    p.add_argument("--actual_resume", default=None, help="pretrained model checkpoint (.ckpt or .safetensors)")
+    p.add_argument("--actual_resume", default=None,
+                   help="pretrained model: .ckpt, .safetensors (its model.* UNet weights) or a diffusers SD 1.x folder")
     p.add_argument("--data_root", default=None, help="folder of the concept's training images")
     p.add_argument("--init_word", default=None, help="word the embedding starts from")
     p.add_argument("--placeholder_string", default=None, help="pseudo-word in captions, e.g. '*'")
@@ -447,6 +451,8 @@ def get_parser(default_base=()):
     p.add_argument("--from_scratch", action="store_true",
                    help="train from random weights (pretraining); without it a run needs --actual_resume or "
                         "weights named in the config")
+    p.add_argument("--use_ema", action="store_true",
+                   help="start from the checkpoint's EMA UNet weights (model_ema.*) instead of model.* (the default)")
     p.add_argument("--trust_configs", action="store_true",
                    help="with -r: build what the run folder's saved configs name even outside this framework's "
                         "modules (configs are code: only for run folders you trust)")

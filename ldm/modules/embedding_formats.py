@@ -530,8 +530,9 @@ def write_embeddings(emb, path, fmt="original", inputs=(), overwrite=True):
                                  f"{fmt} loaders use vectors as token embeddings: keep the original format")
     if fmt != "original" and emb.fields.get("timestep_bands"):
         raise EmbeddingFileError(f"these vectors hold one set per timestep band ({emb.fields['timestep_bands']}); "
-                                 f"{fmt} loaders use one set at every step: keep the original format, or train with "
-                                 "timestep_bands: [] (configs/ablations/one_band.yaml)")
+                                 f"{fmt} loaders use one set at every step: pick one with --band N (0: the lowest "
+                                 "timesteps) or --band_at T (the set a sampling step at timestep T uses), or keep "
+                                 "the original format (ldm.modules.embedding_bands.select_band)")
     path = os.fspath(path)
     for placeholder in emb.vectors:
         check_placeholder(f"cannot write {path}", placeholder)

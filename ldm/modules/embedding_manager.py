@@ -241,7 +241,10 @@ class EmbeddingManager(nn.Module):
         grows linearly with the file (all new tokens registered in one call, checks by dict lookups), and a
         placeholder holds at most the tokens a prompt holds.
         """
-        emb = read_embeddings(path, name)
+        self.load_embeddings(read_embeddings(path, name), path)
+
+    def load_embeddings(self, emb, path):
+        """`load` of an Embeddings record read from `path` (named in messages); SDXL's manager reads its own files."""
         self._check_compatible(path, emb)
         vectors = emb.matrices()
         bands = band_edges(emb.fields.get("timestep_bands"))

@@ -14,7 +14,7 @@ class DDIMSampler:
     def sample(self, S, batch_size, shape, conditioning=None, eta=0.0, x_T=None, unconditional_guidance_scale=1.0,
                unconditional_conditioning=None, callback=None, log_every_t=100, generator=None, **kwargs):
         """shape: (C, h, w) -> (samples (B, C, h, w), {"x_inter": [...], "pred_x0": [...]}) as the reference."""
-        device = conditioning.device
+        device = (conditioning["crossattn"] if isinstance(conditioning, dict) else conditioning).device
         x = x_T if x_T is not None else torch.randn((batch_size, *shape), generator=generator, device=device)
         sched = ddim_schedule(self.model.alphas_cumprod, S, eta, DEFAULT_SPACING[self.sampler])
         inter = {"x_inter": [x], "pred_x0": [x]}

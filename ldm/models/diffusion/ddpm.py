@@ -33,9 +33,12 @@ class DiffusionWrapper(nn.Module):
         self.diffusion_model = instantiate_from_config(unet_config)
         self.conditioning_key = conditioning_key
 
-    def forward(self, x, t, c_crossattn):
+    def forward(self, x, t, c_crossattn, y=None):
+        """y: (B, adm_in_channels) vector conditioning, for a UNet with label_emb (SDXL)."""
         context = c_crossattn[0] if len(c_crossattn) == 1 else torch.cat(c_crossattn, dim=1)
-        return self.diffusion_model(x, t, context=context)
+        if y is None:
+            return self.diffusion_model(x, t, context=context)
+        return self.diffusion_model(x, t, context=context, y=y)
 
 
 def _compiled(forward, backend):

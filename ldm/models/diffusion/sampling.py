@@ -9,6 +9,7 @@ import math
 import numpy as np
 import torch
 
+from ldm.models.diffusion.sigma_sampling import legacy_timesteps, sample_dpmpp_2m_sigma, sample_euler
 from ldm.modules.attention import reuse_context_projections
 
 
@@ -45,13 +46,15 @@ def logsnr_timesteps(alphas_cumprod, steps):
     return torch.tensor(ts, dtype=torch.long)
 
 
-SPACINGS = {"uniform": lambda ac, steps: ddim_timesteps(ac.shape[0], steps), "logsnr": logsnr_timesteps}
+SPACINGS = {"uniform": lambda ac, steps: ddim_timesteps(ac.shape[0], steps), "logsnr": logsnr_timesteps,
+            "legacy": lambda ac, steps: legacy_timesteps(ac.shape[0], steps)}
 
 
 def ddim_schedule(alphas_cumprod, steps, eta=0.0, spacing="uniform"):
     """-> dict(timesteps (S,), a (S,), a_prev (S,), sigma (S,)) in float64; a_prev[0] = alphas_cumprod[0].
 
-    spacing: "uniform" (the reference's DDIM and PLMS grid) or "logsnr" (even strides in log-SNR)."""
+    spacing: "uniform" (the reference's DDIM and PLMS grid), "logsnr" (even strides in log-SNR) or "legacy" (sgm's
+    LegacyDDPMDiscretization: 999, 799, ... for 5 steps)."""
     if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep spacing '{spacing}' (use one of {', '.join(SPACINGS)})")
     ts = SPACINGS[spacing](alphas_cumprod, steps)
@@ -68,13 +71,13 @@ def guided_eps(model, c, uc=None, scale=1.0):
     Guidance combines the model's outputs; for a v-model (`model.parameterization == "v"`) these are v, as in
     the reference, and the guided v becomes eps = sqrt(ac) v + sqrt(1 - ac) x_t (`predict_eps_from_z_and_v`).
 
-    c: (B, T, D), or a list of them, one per timestep band of the model's embedding manager (a step uses
-    its band's). Each context is the same at every step of its band, so its cross-attention keys and
-    values are computed once.
+    c: (B, T, D) (or SDXL's dict of them: {"crossattn", "vector"}), or a list of them, one per timestep band of
+    the model's embedding manager (a step uses its band's). Each context is the same at every step of its band, so
+    its cross-attention keys and values are computed once.
     """
     guided = uc is not None and scale != 1.0
     bands = list(c) if isinstance(c, (list, tuple)) else [c]
-    contexts = [torch.cat([uc, b]) if guided else b for b in bands]
+    contexts = [_cat(uc, b) if guided else b for b in bands]
     projections = [{} for _ in bands]
 
     def output_fn(x, t):
@@ -88,6 +91,13 @@ def guided_eps(model, c, uc=None, scale=1.0):
     if getattr(model, "parameterization", "eps") == "eps":  # any object with apply_model predicts eps
         return output_fn
     return lambda x, t: model.predict_eps_from_z_and_v(x, t, output_fn(x, t))
+
+
+def _cat(uc, c):
+    """The batch [uc; c] of two conditionings: tensors, or dicts of tensors (SDXL)."""
+    if isinstance(c, dict):
+        return {k: torch.cat([uc[k], c[k]]) for k in c}
+    return torch.cat([uc, c])
 
 
 def _ddim_update(x, e, a, a_prev, sigma, generator=None):
@@ -167,22 +177,30 @@ def sample_dpmpp_2m(eps_fn, x, sched, callback=None, generator=None):
     return x
 
 
-SAMPLERS = {"ddim": sample_ddim, "plms": sample_plms, "dpmpp_2m": sample_dpmpp_2m}
-DEFAULT_SPACING = {"ddim": "uniform", "plms": "uniform", "dpmpp_2m": "logsnr"}
+SAMPLERS = {"ddim": sample_ddim, "plms": sample_plms, "dpmpp_2m": sample_dpmpp_2m, "euler": sample_euler,
+            "dpmpp_2m_sigma": sample_dpmpp_2m_sigma}
+DEFAULT_SPACING = {"ddim": "uniform", "plms": "uniform", "dpmpp_2m": "logsnr", "euler": "legacy",
+                   "dpmpp_2m_sigma": "legacy"}
+SIGMA_ZERO_SAMPLERS = ("euler", "dpmpp_2m_sigma")  # sgm's: the last step goes to sigma 0 (x_0), not to t = 0
 
 
 @torch.no_grad()
 def sample_latents(model, captions, shape, steps=50, scale=1.0, eta=0.0, sampler="ddim", x_T=None,
                    generator=None, callback=None, spacing=None):
-    """Text -> scaled latents (B, C, h, w) with a LatentDiffusion model. uc is the empty prompt; spacing: the
-    timestep grid (default: the sampler's, DEFAULT_SPACING)."""
+    """Text -> scaled latents (B, C, h, w) with a LatentDiffusion model. uc is the empty prompt (SDXL: the model's
+    `unconditional_conditioning`); spacing: the timestep grid (default: the sampler's, DEFAULT_SPACING)."""
     if sampler != "ddim" and eta != 0:
         raise ValueError(f"{sampler} is deterministic here: use --ddim_eta 0 with it")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}' (use one of {', '.join(SAMPLERS)})")
-    c = model.banded_conditioning(captions)
-    uc = model.get_learned_conditioning([""] * len(captions)) if scale != 1.0 else None
+    if getattr(model, "conditions_on_size", False):  # SDXL: the vector conditioning holds the image size
+        c = model.banded_conditioning(captions, latent_size=shape[-2:])
+        uc = model.unconditional_conditioning(len(captions), latent_size=shape[-2:]) if scale != 1.0 else None
+    else:
+        c = model.banded_conditioning(captions)
+        uc = model.get_learned_conditioning([""] * len(captions)) if scale != 1.0 else None
+    like = c[0]["crossattn"] if isinstance(c[0], dict) else c[0]
     if x_T is None:
-        x_T = torch.randn(shape, generator=generator, device=c[0].device, dtype=c[0].dtype)
+        x_T = torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
     sched = ddim_schedule(model.alphas_cumprod, steps, eta, spacing or DEFAULT_SPACING[sampler])
-    return SAMPLERS[sampler](guided_eps(model, c, uc, scale), x_T.to(c[0].device), sched, callback, generator)
+    return SAMPLERS[sampler](guided_eps(model, c, uc, scale), x_T.to(like.device), sched, callback, generator)

@@ -87,25 +87,34 @@ def _heads(ch, num_heads, num_head_channels, legacy):
 
 class UNetModel(nn.Module):
     """eps_theta(x_t, t, context), or v_theta for a v-model. Only the cross-attention variant of the reference is
-    built; use_linear_in_transformer (SD 2.x) stores the transformers' 1x1 projections as nn.Linear."""
+    built; use_linear_in_transformer (SD 2.x) stores the transformers' 1x1 projections as nn.Linear.
+
+    SDXL: transformer_depth may be a list (one depth per level; the middle block takes the last), and
+    num_classes "sequential" with adm_in_channels adds `label_emb.0` = Linear, SiLU, Linear on the vector
+    conditioning y, added to the time embedding.
+    """
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
                  attention_resolutions, dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2,
-                 use_checkpoint=False, num_heads=-1, num_head_channels=-1, transformer_depth=1,
+                 use_checkpoint=False, num_heads=-1, num_head_channels=-1, transformer_depth: int | list = 1,
                  context_dim=None, legacy=True, use_spatial_transformer=True, use_linear_in_transformer=False,
-                 **unsupported):
+                 num_classes=None, adm_in_channels=None, spatial_transformer_attn_type="softmax", **unsupported):
         super().__init__()
         _reject_unsupported(unsupported, use_spatial_transformer)
+        if spatial_transformer_attn_type not in ("softmax", "softmax-xformers"):  # the same function, same keys
+            raise NotImplementedError(f"spatial_transformer_attn_type '{spatial_transformer_attn_type}': use softmax")
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.model_channels = model_channels
         ted = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.label_emb = _label_embedding(num_classes, adm_in_channels, ted)
+        depths = _depths(transformer_depth, len(channel_mult))
 
-        def block(ch_in, ch_out, ds):
+        def block(ch_in, ch_out, ds, level):
             layers = [ResBlock(ch_in, ted, dropout, ch_out, dims, use_checkpoint)]
             if ds in attention_resolutions:
                 heads, dim_head = _heads(ch_out, num_heads, num_head_channels, legacy)
-                layers.append(SpatialTransformer(ch_out, heads, dim_head, transformer_depth, context_dim=context_dim,
+                layers.append(SpatialTransformer(ch_out, heads, dim_head, depths[level], context_dim=context_dim,
                                                  checkpoint=use_checkpoint, use_linear=use_linear_in_transformer))
             return layers
 
@@ -114,7 +123,7 @@ class UNetModel(nn.Module):
         chans, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
-                self.input_blocks.append(TimestepEmbedSequential(*block(ch, mult * model_channels, ds)))
+                self.input_blocks.append(TimestepEmbedSequential(*block(ch, mult * model_channels, ds, level)))
                 ch = mult * model_channels
                 chans.append(ch)
             if level != len(channel_mult) - 1:
@@ -125,7 +134,7 @@ class UNetModel(nn.Module):
         heads, dim_head = _heads(ch, num_heads, num_head_channels, legacy)
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, ted, dropout, ch, dims, use_checkpoint),
-            SpatialTransformer(ch, heads, dim_head, transformer_depth, context_dim=context_dim,
+            SpatialTransformer(ch, heads, dim_head, depths[-1], context_dim=context_dim,
                                checkpoint=use_checkpoint, use_linear=use_linear_in_transformer),
             ResBlock(ch, ted, dropout, ch, dims, use_checkpoint),
         )
@@ -133,7 +142,7 @@ class UNetModel(nn.Module):
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(num_res_blocks + 1):
-                layers = block(ch + chans.pop(), model_channels * mult, ds)
+                layers = block(ch + chans.pop(), model_channels * mult, ds, level)
                 ch = model_channels * mult
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch, conv_resample, dims, ch))
@@ -143,9 +152,14 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(),
                                  zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
 
-    def forward(self, x, timesteps, context=None):
-        """x: (B, C, H, W), timesteps: (B,) int, context: (B, M, Cc) -> eps or v: (B, C_out, H, W)."""
+    def forward(self, x, timesteps, context=None, y=None):
+        """x: (B, C, H, W), timesteps: (B,) int, context: (B, M, Cc), y: (B, adm_in_channels) for a model with
+        label_emb (SDXL's vector conditioning) -> eps or v: (B, C_out, H, W)."""
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        if (y is None) != (self.label_emb is None):
+            raise ValueError("y (the vector conditioning) must be given exactly when the UNet has num_classes")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
         hs, h = [], x
         for module in self.input_blocks:
             h = module(h, emb, context)
@@ -156,8 +170,30 @@ class UNetModel(nn.Module):
         return self.out(h)
 
 
-_DEFAULTS = dict(num_classes=None, use_fp16=False, num_heads_upsample=-1, use_scale_shift_norm=False,
-                 resblock_updown=False, use_new_attention_order=False, n_embed=None)
+def _label_embedding(num_classes, adm_in_channels, ted):
+    """SDXL's `label_emb`: Sequential(Sequential(Linear(adm_in_channels, ted), SiLU, Linear(ted, ted))), or None."""
+    if num_classes is None:
+        return None
+    if num_classes != "sequential" or not adm_in_channels:
+        raise NotImplementedError(f"num_classes={num_classes!r}: only 'sequential' with adm_in_channels (SDXL's "
+                                  "vector conditioning) is supported")
+    return nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted)))
+
+
+def _depths(transformer_depth, levels):
+    """transformer_depth: int (every level) or one int per level -> list of `levels` depths."""
+    if isinstance(transformer_depth, int):
+        return [transformer_depth] * levels
+    depths = [int(d) for d in transformer_depth]
+    if len(depths) != levels:
+        raise ValueError(f"transformer_depth {depths} has {len(depths)} entries for {levels} levels of channel_mult: "
+                         "give one depth per level")
+    return depths
+
+
+_DEFAULTS = dict(use_fp16=False, disable_self_attentions=None, num_attention_blocks=None,
+                 disable_middle_self_attn=False, disable_middle_transformer=False, num_heads_upsample=-1,
+                 use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False, n_embed=None)
 
 
 def _reject_unsupported(options, use_spatial_transformer):

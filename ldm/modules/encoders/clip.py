@@ -3,6 +3,7 @@
 State-dict keys are those of SD v1 checkpoints, `transformer.text_model.*`: transformers 5.x's
 CLIPTextModel has no `text_model.` level, so a thin holder module named `transformer` adds it.
 """
+import torch
 from torch import nn
 
 from ldm.modules.encoders.base import TextEncoder, encode_tokens, load_pretrained
@@ -24,7 +25,7 @@ class CLIPTextHolder(nn.Module):
     """`text_model`: a transformers CLIPTextModel, so that its keys read `text_model.*` as in SD v1.
 
     Real checkpoints also carry the constant `text_model.embeddings.position_ids` (persistent up to
-    transformers 4.30); it is dropped on load, so such checkpoints load strictly.
+    transformers 4.30); it is checked (0, 1, ..., T - 1) and dropped on load, so such checkpoints load strictly.
     """
 
     def __init__(self, text_model):
@@ -34,7 +35,10 @@ class CLIPTextHolder(nn.Module):
 
     @staticmethod
     def _drop_position_ids(module, state_dict, prefix, *args):
-        state_dict.pop(prefix + POSITION_IDS, None)
+        ids = state_dict.pop(prefix + POSITION_IDS, None)
+        if ids is not None and not torch.equal(ids.flatten().long().cpu(), torch.arange(ids.numel())):
+            raise ValueError(f"{prefix + POSITION_IDS} is not 0, 1, ..., {ids.numel() - 1}: the checkpoint's CLIP "
+                             "text model numbers its positions otherwise, which this framework does not support")
 
 
 def build_clip_text_model(version, text_config):
@@ -53,12 +57,18 @@ class FrozenCLIPEmbedder(TextEncoder):
     version: local folder or hub name of a CLIPTextModel; None (default) builds ViT-L/14's text tower,
     `text_config` overriding its sizes, and expects the weights from the LDM checkpoint.
     tokenizer_path: local tokenizer folder or hub name; None builds SD v1's tokenizer from open_clip's BPE file.
-    `device` is accepted and ignored (reference configs pass it).
+    layer: "last" (SD v1: after the final layer norm) or "hidden" (SDXL: hidden state `layer_idx`, the output of
+    that many encoder layers, without the final layer norm). `device` is accepted and ignored (reference configs
+    pass it), as is SDXL's always_return_pooled false.
     """
 
     def __init__(self, version=None, text_config=None, tokenizer_path=None, max_length=77, device=None,
-                 freeze=True):
+                 freeze=True, layer="last", layer_idx=None, always_return_pooled=False):
         super().__init__()
+        if layer not in ("last", "hidden") or (layer == "hidden") != (layer_idx is not None) or always_return_pooled:
+            raise ValueError(f"layer '{layer}', layer_idx {layer_idx}, always_return_pooled {always_return_pooled}: "
+                             "use layer last, or layer hidden with a layer_idx; always_return_pooled false")
+        self.layer, self.layer_idx = layer, layer_idx
         self.transformer = CLIPTextHolder(build_clip_text_model(version, text_config))
         vocab = self.token_embedding.num_embeddings
         if tokenizer_path is None:
@@ -81,7 +91,8 @@ class FrozenCLIPEmbedder(TextEncoder):
                              band)
 
     def _encode_embeddings(self, embeds):
-        """embeds: (B, T, D) token embeddings -> (B, T, D) states after the final layer norm.
+        """embeds: (B, T, D) token embeddings -> (B, T, D) states after the final layer norm (layer "last") or
+        hidden state `layer_idx` (layer "hidden").
 
         CLIPTextModel.forward takes only ids in transformers 5.x, so its three stages are called here
         with the same causal mask it builds.
@@ -91,6 +102,10 @@ class FrozenCLIPEmbedder(TextEncoder):
         model = self.transformer.text_model
         x = model.embeddings(inputs_embeds=embeds)
         mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, past_key_values=None)
+        if self.layer == "hidden":  # hidden_states[k]: the output of the first k layers (the rest need not run)
+            for layer in model.encoder.layers[:self.layer_idx]:
+                x = layer(x, mask, is_causal=True)
+            return x
         x = model.encoder(inputs_embeds=x, attention_mask=mask, is_causal=True).last_hidden_state
         return model.final_layer_norm(x)
 

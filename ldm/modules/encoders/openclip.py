@@ -1,4 +1,6 @@
-"""SD 2.x's text encoder: the OpenCLIP ViT-H/14 text tower, read after its penultimate block and `ln_final`.
+"""SD 2.x's text encoder: the OpenCLIP ViT-H/14 text tower, read after its penultimate block and `ln_final`; and
+SDXL's second one (FrozenOpenCLIPEmbedder2): ViT-bigG/14, read before its last block without `ln_final`, plus the
+pooled projection.
 
 Parameter names and their order are open_clip's (`model.token_embedding.weight`, `model.positional_embedding`,
 `model.transformer.resblocks.N.attn.in_proj_weight`, ...), so SD 2.x checkpoints load strictly; open_clip
@@ -15,9 +17,11 @@ from ldm.modules.encoders.base import TextEncoder, encode_tokens
 from ldm.modules.encoders.tokenizers import CLIP_VOCAB_SIZE, TextTokenizer, checked_size, load_clip_bpe_tokenizer
 
 # open_clip's text towers by model name (its model configs' text_cfg and embed_dim)
-ARCHS = {"ViT-H-14": dict(width=1024, heads=16, layers=24, embed_dim=1024)}
+ARCHS = {"ViT-H-14": dict(width=1024, heads=16, layers=24, embed_dim=1024),
+         "ViT-bigG-14": dict(width=1280, heads=20, layers=32, embed_dim=1280)}
 LAYERS = {"last": 0, "penultimate": 1}  # resblocks left out at the end (the reference's layer_idx)
 PAD_ID = 0  # open_clip.tokenize pads with 0, the token "!"
+EOS_ID = 49407  # <|endoftext|>: the pooled state is read at its first position
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -54,7 +58,8 @@ class Transformer(nn.Module):
 class OpenCLIPTextTower(nn.Module):
     """What SD 2.x keeps of open_clip's CLIP: the text tower (the visual tower is deleted).
 
-    `text_projection` (W, embed_dim) and `logit_scale` are stored, as in the checkpoints, but unused here.
+    `text_projection` (W, embed_dim) and `logit_scale` are stored, as in the checkpoints; SD 2.x uses neither,
+    SDXL's pooled vector is `ln_final(x)[eos] @ text_projection`.
     """
 
     def __init__(self, width, heads, layers, embed_dim, context_length=77, vocab_size=CLIP_VOCAB_SIZE):
@@ -71,13 +76,24 @@ class OpenCLIPTextTower(nn.Module):
     def forward(self, embeds, skip_last=0):
         """embeds: (B, T, W) token embeddings -> (B, T, W): ln_final of the output of all resblocks but the last
         `skip_last`, under the causal mask (no padding mask: pad positions are encoded too)."""
-        T = embeds.shape[1]
-        x = embeds + self.positional_embedding[:T]
+        return self.ln_final(self.run_blocks(embeds + self.positional_embedding[:embeds.shape[1]], 0,
+                                             len(self.transformer.resblocks) - skip_last))
+
+    def run_blocks(self, x, start, stop):
+        """x: (B, T, W) states -> (B, T, W) after resblocks start..stop-1 under the causal mask."""
+        T = x.shape[1]
         mask = torch.full((T, T), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
-        blocks = self.transformer.resblocks
-        for block in blocks[:len(blocks) - skip_last]:
+        for block in self.transformer.resblocks[start:stop]:
             x = block(x, mask)
-        return self.ln_final(x)
+        return x
+
+    def pooled(self, penultimate, tokens):
+        """penultimate: (B, T, W) input of the last block, tokens: (B, T) int64 -> (B, embed_dim):
+        ln_final(last block's output) at each row's first <|endoftext|>, projected by text_projection."""
+        blocks = len(self.transformer.resblocks)
+        x = self.ln_final(self.run_blocks(penultimate, blocks - 1, blocks))
+        eos = (tokens == EOS_ID).int().argmax(dim=1)  # open_clip's argmax of the ids, unless ids past 49407 occur
+        return x[torch.arange(x.shape[0], device=x.device), eos] @ self.text_projection
 
 
 class OpenCLIPTokenizer(TextTokenizer):
@@ -130,3 +146,32 @@ class FrozenOpenCLIPEmbedder(TextEncoder):
     def _encode_embeddings(self, embeds):
         """embeds: (B, T, W) token embeddings -> (B, T, W) conditioning states"""
         return self.model(embeds, skip_last=self.layer_idx)
+
+
+class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
+    """SDXL's OpenCLIP text encoder (sgm's FrozenOpenCLIPEmbedder2 with layer "penultimate", always_return_pooled,
+    legacy False): captions -> (B, 77, width) states entering the last block, no ln_final; `encode_with_pooled`
+    adds the pooled (B, embed_dim) vector. Only that configuration of the reference is built.
+    """
+
+    def __init__(self, arch="ViT-bigG-14", version=None, text_config=None, device=None, max_length=77, freeze=True,
+                 layer="penultimate", always_return_pooled=True, legacy=False):
+        if layer != "penultimate" or not always_return_pooled or legacy:
+            raise ValueError(f"layer '{layer}', always_return_pooled {always_return_pooled}, legacy {legacy}: SDXL's "
+                             "embedder uses layer penultimate, always_return_pooled true and legacy false")
+        super().__init__(arch, version, text_config, device, max_length, freeze, layer)
+
+    def _encode_embeddings(self, embeds):
+        """embeds: (B, T, W) token embeddings -> (B, T, W) output of all blocks but the last (no ln_final)"""
+        model = self.model
+        x = embeds + model.positional_embedding[:embeds.shape[1]]
+        return model.run_blocks(x, 0, len(model.transformer.resblocks) - 1)
+
+    def encode_with_pooled(self, text, embedding_manager=None, band=0):
+        """text: list of B str -> (states (B, T, W), pooled (B, embed_dim)); the pooled vector comes from the
+        states the manager left (placeholder vectors included) and the token ids as it expanded them."""
+        if isinstance(text, str):
+            text = [text]
+        tokens = self.tokenize(text)
+        states = encode_tokens(tokens, self.token_embedding, self._encode_embeddings, embedding_manager, band)
+        return states, self.model.pooled(states, tokens)

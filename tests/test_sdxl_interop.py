@@ -1,0 +1,126 @@
+"""SDXL interop: our OpenCLIP tower in transformers' layout (convert_openclip), and our SDXL embedding file in
+diffusers' own `load_textual_inversion`, called once per text encoder with state_dict["clip_l"] / ["clip_g"] as
+diffusers documents for SDXL. Both sides hold the tiny SDXL fixture's weights; the text-encoder states for a prompt
+with the placeholder must agree (tolerance of single fp32 passes)."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from ldm.checkpoints import load_state_dict_into
+from ldm.modules.encoders.convert_openclip import load_hf_text_model, openclip_text_to_hf
+from ldm.modules.encoders.tokenizers import write_clip_tokenizer_files
+from ldm.util import instantiate_from_config
+
+pytest.importorskip("diffusers")
+from diffusers.loaders import TextualInversionLoaderMixin  # noqa: E402
+from transformers import CLIPTokenizer  # noqa: E402
+
+TINY = Path(__file__).resolve().parent / "fixtures" / "sdx_tiny_xl"
+TOL = dict(atol=1e-5, rtol=1e-5)
+PLACEHOLDER = "<xl-toy>"
+PROMPTS = ["a photo of <xl-toy> on a beach", "a photograph of an astronaut riding a horse"]
+
+
+def tiny_model(personalization=None):
+    config = OmegaConf.load(TINY / "config.yaml").model
+    config.params.personalization_config = personalization
+    model = instantiate_from_config(config)
+    load_state_dict_into(model, str(TINY / "state_dict.safetensors"))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return tiny_model({"target": "ldm.modules.embedding_manager_xl.SDXLEmbeddingManager",
+                       "params": {"placeholder_strings": [PLACEHOLDER], "initializer_words": ["dog"],
+                                  "num_vectors_per_token": 2}})
+
+
+class SDXLTextStack(TextualInversionLoaderMixin):
+    """StableDiffusionXLPipeline's text half: two tokenizers, CLIPTextModel and CLIPTextModelWithProjection."""
+
+    hf_device_map = None
+
+    def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
+
+    @property
+    def components(self):
+        return {"tokenizer": self.tokenizer, "text_encoder": self.text_encoder, "tokenizer_2": self.tokenizer_2,
+                "text_encoder_2": self.text_encoder_2}
+
+    @torch.no_grad()
+    def encode(self, prompts):
+        """What StableDiffusionXLPipeline.encode_prompt does -> (B, 77, D_l + D_g) states, (B, E) pooled."""
+        states, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            text = self.maybe_convert_prompt(prompts, tokenizer)
+            ids = tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            out = encoder(ids, output_hidden_states=True)
+            pooled = out[0]
+            states.append(out.hidden_states[-2])
+        return torch.cat(states, dim=-1), pooled
+
+
+def fresh_tokenizer(folder, **specials):
+    """A CLIPTokenizer of its own (diffusers adds the placeholder to it), from the shipped OpenAI BPE."""
+    folder.mkdir()
+    write_clip_tokenizer_files(folder)
+    return CLIPTokenizer.from_pretrained(folder, **specials)
+
+
+def diffusers_stack(model, folder):
+    """A diffusers text stack holding `model`'s text-encoder weights (CLIP-L as is, bigG converted)."""
+    clip_l, clip_g = model.cond_stage_model.embedders[:2]
+    tokenizer_2 = fresh_tokenizer(folder / "2", pad_token="!")  # SDXL's tokenizer_2 pads with "!" (id 0)
+    return SDXLTextStack(fresh_tokenizer(folder / "1"), copy.deepcopy(clip_l.transformer.text_model).eval(),
+                         tokenizer_2, load_hf_text_model(clip_g.model, with_projection=True))
+
+
+@torch.no_grad()
+def test_converted_tower_gives_our_states_and_pooled_vector(ours):
+    clip_g = ours.cond_stage_model.embedders[1]
+    hf = load_hf_text_model(clip_g.model, with_projection=True)
+    ids = clip_g.tokenize(PROMPTS[1:])
+    out = hf(ids, output_hidden_states=True)
+    states, pooled = tiny_model().cond_stage_model.embedders[1].encode_with_pooled(PROMPTS[1:])
+    torch.testing.assert_close(out.hidden_states[-2], states, **TOL)
+    torch.testing.assert_close(out.text_embeds, pooled, **TOL)
+    plain = load_hf_text_model(clip_g.model)  # CLIPTextModel: SD 2.x's use, ln_final of the last layer
+    torch.testing.assert_close(plain(ids).last_hidden_state, clip_g.model(clip_g.token_embedding(ids)), **TOL)
+
+
+def test_conversion_splits_the_packed_projection(ours):
+    tower = ours.cond_stage_model.embedders[1].model
+    hf = openclip_text_to_hf(tower.state_dict())
+    w = tower.transformer.resblocks[0].attn.in_proj_weight
+    q, k, v = (hf[f"text_model.encoder.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
+    assert torch.equal(torch.cat([q, k, v]), w)
+    assert torch.equal(hf["text_projection.weight"], tower.text_projection.t())
+    assert not any("logit_scale" in key for key in hf)
+
+
+@torch.no_grad()
+def test_diffusers_load_textual_inversion_gives_our_states(ours, tmp_path):
+    manager = ours.embedding_manager
+    for p in manager.embedding_parameters():  # trained-looking vectors, away from the init word
+        p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    path = manager.save(tmp_path / "embeddings.safetensors")
+    state_dict = load_file(path)
+    stack = diffusers_stack(ours, tmp_path)
+    stack.load_textual_inversion(state_dict["clip_l"], token=PLACEHOLDER, text_encoder=stack.text_encoder,
+                                 tokenizer=stack.tokenizer)
+    stack.load_textual_inversion(state_dict["clip_g"], token=PLACEHOLDER, text_encoder=stack.text_encoder_2,
+                                 tokenizer=stack.tokenizer_2)
+    states, pooled = stack.encode(PROMPTS)
+    batch = {"txt": PROMPTS, **ours.size_batch(2)}
+    c = ours.cond_stage_model(batch, embedding_manager=manager)
+    torch.testing.assert_close(states, c["crossattn"], **TOL)
+    torch.testing.assert_close(pooled, c["vector"][:, :pooled.shape[1]], **TOL)
+    init_word = ours.cond_stage_model({**batch, "txt": [p.replace(PLACEHOLDER, "dog dog") for p in PROMPTS]})
+    assert (init_word["crossattn"][0] - c["crossattn"][0]).abs().max() > 1e-3  # the trained vectors are used
