@@ -1,7 +1,7 @@
-"""SDXL interop: our OpenCLIP tower in transformers' layout (convert_openclip), and our SDXL embedding file in
-diffusers' own `load_textual_inversion`, called once per text encoder with state_dict["clip_l"] / ["clip_g"] as
-diffusers documents for SDXL. Both sides hold the tiny SDXL fixture's weights; the text-encoder states for a prompt
-with the placeholder must agree (tolerance of single fp32 passes)."""
+"""SDXL interop: our OpenCLIP tower in transformers' layout (convert_openclip), and our SDXL embedding file in a
+tiny StableDiffusionXLPipeline's own `load_textual_inversion`, called once per text encoder with
+state_dict["clip_l"] / ["clip_g"] as diffusers documents for SDXL. Both sides hold the tiny SDXL fixture's
+weights; the text-encoder states for a prompt with the placeholder must agree (tolerance of single fp32 passes)."""
 import copy
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from ldm.modules.encoders.tokenizers import write_clip_tokenizer_files
 from ldm.util import instantiate_from_config
 
 pytest.importorskip("diffusers")
-from diffusers.loaders import TextualInversionLoaderMixin  # noqa: E402
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa
 from transformers import CLIPTokenizer  # noqa: E402
 
 TINY = Path(__file__).resolve().parent / "fixtures" / "sdx_tiny_xl"
@@ -40,31 +40,29 @@ def ours():
                                   "num_vectors_per_token": 2}})
 
 
-class SDXLTextStack(TextualInversionLoaderMixin):
-    """StableDiffusionXLPipeline's text half: two tokenizers, CLIPTextModel and CLIPTextModelWithProjection."""
+def tiny_xl_pipeline(tokenizer, text_encoder, tokenizer_2, text_encoder_2):
+    """A StableDiffusionXLPipeline around the two text encoders; its UNet and VAE are the smallest diffusers builds
+    of SDXL's kind (text_time conditioning), never run: only encode_prompt is."""
+    torch.manual_seed(0)
+    width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    pooled = text_encoder_2.config.projection_dim
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=width,
+                                attention_head_dim=(2, 4), addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + pooled)
+    vae = AutoencoderKL(block_out_channels=(32,), latent_channels=4)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=EulerDiscreteScheduler(), add_watermarker=False)
 
-    hf_device_map = None
 
-    def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2):
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
-        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
-
-    @property
-    def components(self):
-        return {"tokenizer": self.tokenizer, "text_encoder": self.text_encoder, "tokenizer_2": self.tokenizer_2,
-                "text_encoder_2": self.text_encoder_2}
-
-    @torch.no_grad()
-    def encode(self, prompts):
-        """What StableDiffusionXLPipeline.encode_prompt does -> (B, 77, D_l + D_g) states, (B, E) pooled."""
-        states, pooled = [], None
-        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            text = self.maybe_convert_prompt(prompts, tokenizer)
-            ids = tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            out = encoder(ids, output_hidden_states=True)
-            pooled = out[0]
-            states.append(out.hidden_states[-2])
-        return torch.cat(states, dim=-1), pooled
+def encode(pipe, prompts):
+    """StableDiffusionXLPipeline.encode_prompt -> (B, 77, D_l + D_g) states, (B, E) pooled."""
+    with torch.no_grad():
+        states, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+    return states, pooled
 
 
 def fresh_tokenizer(folder, **specials):
@@ -74,12 +72,12 @@ def fresh_tokenizer(folder, **specials):
     return CLIPTokenizer.from_pretrained(folder, **specials)
 
 
-def diffusers_stack(model, folder):
-    """A diffusers text stack holding `model`'s text-encoder weights (CLIP-L as is, bigG converted)."""
+def diffusers_pipeline(model, folder):
+    """A tiny StableDiffusionXLPipeline holding `model`'s text-encoder weights (CLIP-L as is, bigG converted)."""
     clip_l, clip_g = model.cond_stage_model.embedders[:2]
     tokenizer_2 = fresh_tokenizer(folder / "2", pad_token="!")  # SDXL's tokenizer_2 pads with "!" (id 0)
-    return SDXLTextStack(fresh_tokenizer(folder / "1"), copy.deepcopy(clip_l.transformer.text_model).eval(),
-                         tokenizer_2, load_hf_text_model(clip_g.model, with_projection=True))
+    return tiny_xl_pipeline(fresh_tokenizer(folder / "1"), copy.deepcopy(clip_l.transformer.text_model).eval(),
+                            tokenizer_2, load_hf_text_model(clip_g.model, with_projection=True))
 
 
 @torch.no_grad()
@@ -112,12 +110,12 @@ def test_diffusers_load_textual_inversion_gives_our_states(ours, tmp_path):
         p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
     path = manager.save(tmp_path / "embeddings.safetensors")
     state_dict = load_file(path)
-    stack = diffusers_stack(ours, tmp_path)
-    stack.load_textual_inversion(state_dict["clip_l"], token=PLACEHOLDER, text_encoder=stack.text_encoder,
-                                 tokenizer=stack.tokenizer)
-    stack.load_textual_inversion(state_dict["clip_g"], token=PLACEHOLDER, text_encoder=stack.text_encoder_2,
-                                 tokenizer=stack.tokenizer_2)
-    states, pooled = stack.encode(PROMPTS)
+    pipe = diffusers_pipeline(ours, tmp_path)
+    pipe.load_textual_inversion(state_dict["clip_l"], token=PLACEHOLDER, text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state_dict["clip_g"], token=PLACEHOLDER, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    states, pooled = encode(pipe, PROMPTS)
     batch = {"txt": PROMPTS, **ours.size_batch(2)}
     c = ours.cond_stage_model(batch, embedding_manager=manager)
     torch.testing.assert_close(states, c["crossattn"], **TOL)
