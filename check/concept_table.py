@@ -8,12 +8,13 @@
     python check/concept_table.py --model ar-scales      # the next-scale autoregressive model
     python check/concept_table.py --model ar model.params.personalization_config.params.injection=output
     python check/concept_table.py --seeds 23 1 2 --jobs 2   # three TI runs per concept, two at a time
+    python check/concept_table.py --set heldout          # the held-out concepts instead of the shipped six
 
-For each `dataset/<concept>/` and each TI seed a TI embedding is trained with the default settings
-(configs/tiny-shapes/finetune.yaml) unless `<embeddings>/<concept>_seed<seed>.pt` exists, then n samples of
-"a photo of a *" and of each edit prompt are read analytically (ldm.data.shapes.scores), beside the
-init-word baseline (sampled once: it does not depend on the TI seed). With several seeds the `*` row holds
-the means over the seeds and each seed's fidelity and editability; a last line counts the concepts that
+For each `dataset/<concept>/` of the set (`--set`: the shipped six by default) and each TI seed a TI embedding is
+trained with the default settings (configs/tiny-shapes/finetune.yaml) unless `<embeddings>/<concept>_seed<seed>.pt`
+exists, then n samples of "a photo of a *" and of each edit prompt are read analytically (ldm.data.shapes.scores),
+beside the init-word baseline (sampled once: it does not depend on the TI seed). With several seeds the `*` row
+holds the means over the seeds and each seed's fidelity and editability; a last line counts the concepts that
 meet the targets by those means (diffusion: fidelity >= 0.6 and >= 3x the baseline, editability >= 0.5;
 autoregressive: fidelity above zero and >= 2x the baseline). Prints markdown; `--out` also writes it to a
 file. With `--korean` every prompt is translated (improvement/v2/corpus.py) and conditions the model through
@@ -37,6 +38,7 @@ from check.clip_similarity import ClipImageSimilarity
 from ldm.checkpoints import load_model_from_config, read_config
 from ldm.cli import ArgumentParser, UsageError, run_command
 from ldm.data.images import list_images, load_rgb
+from ldm.data.shapes.concept_sets import CONCEPT_SETS, set_names
 from ldm.data.shapes.draw import CANVAS
 from ldm.data.shapes.palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES
 from ldm.data.shapes.readers import read_attributes
@@ -130,14 +132,17 @@ def scene_following(generate, n):
     return rows
 
 
-def load_specs(names=None):
-    """The concept.json of every dataset/<concept>/ (or of `names`), sorted by name."""
+def load_specs(names=None, concept_set="shipped"):
+    """The concept.json of each dataset/<concept>/ named in `names` (default: those of `concept_set`, a key of
+    ldm.data.shapes.concept_sets.CONCEPT_SETS), sorted by name."""
     specs = [read_spec(f) for f in sorted(glob.glob("dataset/*/concept.json"))]
-    unknown = set(names or ()) - {s["name"] for s in specs}
+    wanted = set(names if names is not None else set_names(concept_set))
+    unknown = wanted - {s["name"] for s in specs}
     if unknown:
-        raise UsageError(f"no dataset/<concept>/concept.json for {', '.join(sorted(unknown))}: use one of "
-                         f"{', '.join(s['name'] for s in specs)}")
-    return [s for s in specs if names is None or s["name"] in names]
+        hint = (f"use one of {', '.join(s['name'] for s in specs)}" if names is not None else
+                "write them with python -m ldm.data.shapes.concept_sets dataset/")
+        raise UsageError(f"no dataset/<concept>/concept.json for {', '.join(sorted(unknown))}: {hint}")
+    return [s for s in specs if s["name"] in wanted]
 
 
 def embedding_path(folder, spec, seed):
@@ -233,7 +238,7 @@ def target_summary(pairs, model):
 def tables(args):
     """Train what is missing, then the markdown of every table `args` asks for."""
 
-    specs = load_specs(args.concepts)
+    specs = load_specs(args.concepts, args.set)
     model_dir, finetunes = MODELS[args.model]
     weights = args.weights or f"{model_dir}/model.safetensors"
     clip = ClipImageSimilarity(args.clip) if args.clip else None  # a wrong folder fails before any training
@@ -277,7 +282,11 @@ def tables(args):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--concepts", nargs="*", default=None, help="concept names (default: all in dataset/)")
+    p.add_argument("--concepts", nargs="*", default=None,
+                   help="concept names of any dataset/<concept>/ (default: those of --set)")
+    p.add_argument("--set", default="shipped", choices=sorted(CONCEPT_SETS),
+                   help="the concept set scored without --concepts: shipped (the six kept out of pretraining), "
+                        "tuning or heldout (ldm/data/shapes/concept_sets.py; docs/shapes-world.md#concept-sets)")
     p.add_argument("--embeddings", default=None,
                    help="folder of <concept>_seed<seed>.pt files "
                         "(default: outputs/concept_embeddings, _ar or _ar-scales for those models)")

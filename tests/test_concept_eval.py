@@ -186,3 +186,33 @@ def test_mask_ops():
     ell = np.zeros((9, 9), bool)
     ell[1:8, 1:4] = ell[5:8, 1:8] = True  # an L; (4, 4) is off, diagonal to its inner corner
     assert erode(ell, 1)[5, 3] and not erode_round(ell, 1)[5, 3]  # the pixel diagonal to the corner
+
+
+def test_tuning_and_heldout_sets_cover_the_world_and_their_folders_match(tmp_path, monkeypatch):
+    """Each set uses every unnamed value, no concept repeats a shipped one (or another), the shape x pattern pairs
+    the shipped six lack are all there, and each dataset/<name>/ is what write_concept_dataset writes for it."""
+    from check.concept_table import load_specs
+    from ldm.data.shapes.concept_sets import CONCEPT_SETS, HELDOUT, TUNING, set_names
+    from ldm.data.shapes.concept_sets import main as write_sets
+    from ldm.data.shapes.concepts import CONCEPT_TUPLES, concept_key
+
+    for concepts in (TUNING, HELDOUT):
+        assert len(concepts) >= 6
+        for attribute in ("pattern", "background", "outline"):
+            assert {c["attributes"][attribute] for c in concepts} == set(VALUES[attribute]), attribute
+    keys = [concept_key(c["attributes"]) for c in TUNING + HELDOUT]
+    assert len(set(keys)) == len(keys) and not set(keys) & CONCEPT_TUPLES
+    pair = lambda c: (c["attributes"]["shape"], c["attributes"]["pattern"])  # noqa: E731
+    missing = {(s, p) for s in VALUES["shape"] for p in VALUES["pattern"]} - {pair(c) for c in CONCEPTS}
+    assert missing and missing <= {pair(c) for c in TUNING} | {pair(c) for c in HELDOUT}
+    write_sets([str(tmp_path)])
+    for concept in TUNING + HELDOUT:
+        for name in sorted(os.listdir(tmp_path / concept["name"])):
+            written = (tmp_path / concept["name"] / name).read_bytes()
+            assert written == open(os.path.join(REPO, "dataset", concept["name"], name), "rb").read(), name
+        images = [np.asarray(Image.open(tmp_path / concept["name"] / f"{k:02d}.png").convert("RGB")) for k in range(5)]
+        assert concept_fidelity(images, concept) == 1.0, concept["name"]
+    monkeypatch.chdir(REPO)
+    for set_name in CONCEPT_SETS:
+        assert [s["name"] for s in load_specs(None, set_name)] == sorted(set_names(set_name))
+    assert [s["name"] for s in load_specs()] == sorted(c["name"] for c in CONCEPTS)  # the default: the shipped six
