@@ -146,7 +146,7 @@ def unet_key(key, shape):
     mid = re.match(r"mid_block\.(\w+\.\d+)\.(.*)", key)
     if mid and mid.group(1) in MID:
         part, rest = mid.groups()
-        return f"{MID[part]}.{_resnet(rest) if part.startswith('resnets') else rest}"
+        return f"{MID[part]}.{_renamed(rest, RESNET) if part.startswith('resnets') else rest}"
     found = BLOCK.match(key)
     if not found:
         return key
@@ -167,12 +167,13 @@ def unet_key(key, shape):
 
 def _layer(kind, rest):
     """'resnets', 'norm1.weight' -> '0.in_layers.0.weight'; 'attentions', x -> '1.x' (same names inside)."""
-    return f"0.{_resnet(rest)}" if kind == "resnets" else f"1.{rest}"
+    return f"0.{_renamed(rest, RESNET)}" if kind == "resnets" else f"1.{rest}"
 
 
-def _resnet(rest):
-    module, _, leaf = rest.rpartition(".")
-    return f"{RESNET.get(module, module)}.{leaf}"
+def _renamed(name, modules):
+    """'norm1.weight', {'norm1': 'in_layers.0'} -> 'in_layers.0.weight': the module part renamed where listed."""
+    module, _, leaf = name.rpartition(".")
+    return f"{modules.get(module, module)}.{leaf}"
 
 
 VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
@@ -193,8 +194,8 @@ def vae_key(key, shape):
     if found:
         kind, index, inner = found.groups()
         if kind == "attentions":
-            return f"{side}.mid.attn_1.{_vae_inner(inner, VAE_ATTENTION)}"
-        return f"{side}.mid.block_{int(index) + 1}.{_vae_inner(inner, VAE_RESNET)}"
+            return f"{side}.mid.attn_1.{_renamed(inner, VAE_ATTENTION)}"
+        return f"{side}.mid.block_{int(index) + 1}.{_renamed(inner, VAE_RESNET)}"
     found = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.*)", rest)
     if not found:
         return key
@@ -204,13 +205,8 @@ def vae_key(key, shape):
         level = shape["decoder_levels"] - 1 - level
     stage = "down" if way == "down" else "up"
     if kind == "resnets":
-        return f"{side}.{stage}.{level}.block.{index}.{_vae_inner(inner, VAE_RESNET)}"
+        return f"{side}.{stage}.{level}.block.{index}.{_renamed(inner, VAE_RESNET)}"
     return f"{side}.{stage}.{level}.{'downsample' if way == 'down' else 'upsample'}.{inner}"
-
-
-def _vae_inner(inner, names):
-    module, _, leaf = inner.rpartition(".")
-    return f"{names.get(module, module)}.{leaf}"
 
 
 def vae_attention_weight(key, value):

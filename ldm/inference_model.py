@@ -60,14 +60,14 @@ def resolve_model(opt, overlays=()):
     if not opt.config:
         opt.config = [saved]
     opt.config = list(opt.config) + [o for o in overlays if o not in opt.config]
-    config = OmegaConf.merge(*(run if run is not None and path == saved else read_config(path)
-                               for path in opt.config))
+    sources = [(path, run if run is not None and path == saved else read_config(path)) for path in opt.config]
+    config = OmegaConf.merge(*(source for _, source in sources))
     if not opt.ckpt_path:
         opt.ckpt_path = OmegaConf.select(run, "run.actual_resume")
         if not opt.ckpt_path:
             raise UsageError(f"{saved} records no run.actual_resume (the run trained from scratch): give --ckpt_path")
         opt.use_ema = opt.use_ema or bool(OmegaConf.select(run, "run.use_ema"))  # the weights the run trained on
-    check_sampling(config, [(p, read_config(p)) for p in opt.config])
+    check_sampling(config, sources)
     defaults = {**FALLBACK_SAMPLING, **(OmegaConf.to_container(config.sampling) if config.get("sampling") else {})}
     for key, value in defaults.items():
         if getattr(opt, key) is None:

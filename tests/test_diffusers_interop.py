@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from check.convert_embedding import convert  # noqa: E402
-from ldm.modules.encoders.convert_openclip import hf_text_config, openclip_text_to_hf  # noqa: E402
+from ldm.modules.encoders.convert_openclip import load_hf_text_model  # noqa: E402
 from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder  # noqa: E402
 
 PROMPT = "a photo of <cat-toy>"
@@ -44,21 +44,6 @@ def tiny_pipeline(tokenizer, text_encoder):
                                    requires_safety_checker=False)
 
 
-def sd2_hf_text_model(tower):
-    """SD 2.x's text encoder as diffusers holds it: a CLIPTextModel of all blocks but the last (the penultimate
-    layer) followed by the final layer norm; `tower` is our OpenCLIPTextTower."""
-    config = hf_text_config(tower)
-    config.num_hidden_layers -= 1
-    model = CLIPTextModel(config)
-    last = f"text_model.encoder.layers.{config.num_hidden_layers}."
-    state = {k: v for k, v in openclip_text_to_hf(tower.state_dict()).items()
-             if not k.startswith(last) and k != "text_projection.weight"}
-    if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5.x
-        state = {k[len("text_model."):]: v for k, v in state.items()}
-    model.load_state_dict(state, strict=True)
-    return model
-
-
 @pytest.fixture(params=["sd1", "sd2"])
 def stacks(request, make_encoder, encoder_dirs):
     """(our encoder, diffusers pipeline) holding the same weights, for SD 1.x or SD 2.x."""
@@ -69,7 +54,7 @@ def stacks(request, make_encoder, encoder_dirs):
     torch.manual_seed(0)
     ours = FrozenOpenCLIPEmbedder(text_config=TINY_OPENCLIP, layer="penultimate")
     tokenizer = CLIPTokenizer.from_pretrained(encoder_dirs["clip_tokenizer"], pad_token="!")  # open_clip pads with 0
-    return ours, tiny_pipeline(tokenizer, sd2_hf_text_model(ours.model))
+    return ours, tiny_pipeline(tokenizer, load_hf_text_model(ours.model, drop_last_block=True))
 
 
 def theirs(pipe):

@@ -3,34 +3,22 @@ tiny StableDiffusionXLPipeline's own `load_textual_inversion`, called once per t
 state_dict["clip_l"] / ["clip_g"] as diffusers documents for SDXL. Both sides hold the tiny SDXL fixture's
 weights; the text-encoder states for a prompt with the placeholder must agree (tolerance of single fp32 passes)."""
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
+from test_sdxl import tiny_model  # the tiny SDXL fixture model
 
-from ldm.checkpoints import load_state_dict_into
 from ldm.modules.encoders.convert_openclip import load_hf_text_model, openclip_text_to_hf
 from ldm.modules.encoders.tokenizers import write_clip_tokenizer_files
-from ldm.util import instantiate_from_config
 
 pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa
 from transformers import CLIPTokenizer  # noqa: E402
 
-TINY = Path(__file__).resolve().parent / "fixtures" / "sdx_tiny_xl"
 TOL = dict(atol=1e-5, rtol=1e-5)
 PLACEHOLDER = "<xl-toy>"
 PROMPTS = ["a photo of <xl-toy> on a beach", "a photograph of an astronaut riding a horse"]
-
-
-def tiny_model(personalization=None):
-    config = OmegaConf.load(TINY / "config.yaml").model
-    config.params.personalization_config = personalization
-    model = instantiate_from_config(config)
-    load_state_dict_into(model, str(TINY / "state_dict.safetensors"))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

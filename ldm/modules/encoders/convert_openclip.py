@@ -69,13 +69,19 @@ def hf_text_config(tower, with_projection=False):
         bos_token_id=49406, eos_token_id=EOS_ID, pad_token_id=0)
 
 
-def load_hf_text_model(tower, with_projection=False):
-    """A transformers CLIPTextModel(WithProjection) holding `tower`'s weights (strict: every key converted)."""
+def load_hf_text_model(tower, with_projection=False, drop_last_block=False):
+    """A transformers CLIPTextModel(WithProjection) holding `tower`'s weights (strict: every key converted).
+    drop_last_block: without the tower's last block, as diffusers keeps SD 2.x's text_encoder (the penultimate
+    states, then the final layer norm: the last block is never run)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    model = model_class(hf_text_config(tower, with_projection))
+    config = hf_text_config(tower, with_projection)
     state = openclip_text_to_hf(tower.state_dict())
+    if drop_last_block:
+        config.num_hidden_layers -= 1
+        last = f"text_model.encoder.layers.{config.num_hidden_layers}."
+        state = {k: v for k, v in state.items() if not k.startswith(last)}
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
     if not with_projection:
         state.pop("text_projection.weight")
         if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers >= 5
