@@ -53,6 +53,7 @@ def test_class_texts_name_each_image_before_the_placeholder(folder):
     for class_texts in ("words.json", {"a.png": "green", "b.jpg": "blue"}):
         data = PersonalizedBase(str(folder), class_texts=class_texts, templates=["a photo of a {}"])
         assert [data[i]["caption"] for i in range(4)] == ["a photo of a green *", "a photo of a blue *"] * 2
+        assert [data.plain_caption(i) for i in range(2)] == ["a photo of a green *", "a photo of a blue *"]
     with pytest.raises(ValueError, match="no words for b.jpg"):
         PersonalizedBase(str(folder), class_texts={"a.png": "green"})
     with pytest.raises(FileNotFoundError, match="missing.json.*class_texts=null"):

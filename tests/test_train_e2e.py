@@ -142,7 +142,7 @@ def test_train_timesteps_limits_the_drawn_t(trained, monkeypatch):
     model = trained.model
     assert model.train_timesteps == (0, model.num_timesteps)
     drawn = []
-    monkeypatch.setattr(model, "p_losses", lambda z0, c, t: (drawn.append(t) or torch.tensor(0.0), {}))
+    monkeypatch.setattr(model, "p_losses", lambda z0, c, t, uc=None: (drawn.append(t) or torch.tensor(0.0), {}))
     monkeypatch.setattr(model, "train_timesteps", (400, 1000))
     batch = next(iter(trained.trainer.datamodule.train_dataloader()))
     for _ in range(20):
@@ -159,6 +159,44 @@ def test_train_timesteps_p_mixes_the_range_with_all_timesteps(trained, monkeypat
     torch.manual_seed(0)
     t = model.draw_timesteps(20000, "cpu")
     assert 0.19 < (t < 400).float().mean().item() < 0.21 and t.min() >= 0 and t.max() < 1000
+
+
+def test_train_guidance_scale_fits_the_guided_output(trained, monkeypatch):
+    """train_guidance_scale=w: the loss is on o_uc + w (o_c - o_uc), o_uc that of the empty prompt, no gradient."""
+    model = trained.model
+    assert model.train_guidance_scale == 1.0 and model.training_uc(2) is None
+    z0, t, noise = torch.randn(2, 4, 8, 8), torch.tensor([100, 700]), torch.randn(2, 4, 8, 8)
+    monkeypatch.setattr(model, "train_guidance_scale", 3.0)
+    with torch.no_grad():
+        c, uc = model.get_learned_conditioning(["a photo of *", "a *"]), model.training_uc(2)
+        x_t = model.q_sample(z0, t, noise)
+        guided = model.apply_model(x_t, t, uc) + 3.0 * (model.apply_model(x_t, t, c) - model.apply_model(x_t, t, uc))
+        expected = ((guided - noise) ** 2).mean()
+        loss, _ = model.p_losses(z0, c, t, noise, uc=uc)
+    assert torch.allclose(loss, expected, atol=1e-6) and not torch.allclose(loss, model.p_losses(z0, c, t, noise)[0])
+    assert not uc.requires_grad
+
+
+@pytest.mark.parametrize("bad", [0.5, "3", True])
+def test_train_guidance_scale_below_one_is_refused(bad):
+    from ldm.models.diffusion.ddpm import _guidance_scale
+    with pytest.raises(ValueError, match="train_guidance_scale=.*use 1"):
+        _guidance_scale(bad)
+
+
+def test_cosine_lr_decay_reaches_zero_at_max_steps(images, ckpt, tmp_path):
+    """model.params.lr_decay=cosine: the logged rate starts at the base rate and falls to 0 by the last step."""
+    run = train_new.main(train_args(images, ckpt, tmp_path, "model.params.lr_decay=cosine",
+                                    "lightning.trainer.max_steps=8"))
+    scheduler = run.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 8 and scheduler.get_last_lr()[0] == 0.0
+    assert scheduler.base_lrs[0] == run.model.learning_rate > 0
+
+
+def test_unknown_lr_decay_is_refused():
+    from ldm.models.textual_inversion import check_lr_decay
+    with pytest.raises(ValueError, match="lr_decay='linear'.*none, cosine"):
+        check_lr_decay("linear")
 
 
 @pytest.mark.parametrize("bad", [[500, 400], [-1, 10], [0, 1001]])

@@ -159,6 +159,12 @@ class PersonalizedBase(Dataset):
             return random.choice(self.dual_templates).format(subject, PER_IMAGE_TOKENS[image_index])
         return random.choice(self.templates).format(subject)
 
+    def plain_caption(self, image_index):
+        """The caption of image `image_index` with nothing drawn: the first template, its class words (if any) and
+        the placeholder, e.g. "a photo of a red *"."""
+        words = [w for w in (self.class_texts and self.class_texts[image_index], self.coarse_class_text) if w]
+        return self.templates[0].format(" ".join([*words, self.placeholder_token]))
+
     def prepared(self, image_index):
         """-> (H, W, 3) uint8 cropped and resized as configured, and the digests of its content as it is and
         flipped (None without `Implementation.memoise_images`); with it these are kept in memory (within

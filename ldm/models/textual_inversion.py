@@ -6,12 +6,28 @@ A subclass (LatentDiffusion, the autoregressive ARTextToImage) names its generat
 (loss, logs)`. In TI mode (a `personalization_config`) the generator, first stage and text encoder are
 frozen and stay in eval mode; only the manager's vectors and any `trainable_modules` reach the optimizer.
 """
+import functools
+import math
 import random
 
 import pytorch_lightning as pl
 import torch
 
 from ldm.util import instantiate_from_config
+
+LR_DECAYS = ("none", "cosine")
+
+
+def check_lr_decay(value):
+    """The learning-rate schedule of a TI run: "none" (constant, the reference's) or "cosine" (to 0 at max_steps)."""
+    if value not in LR_DECAYS:
+        raise ValueError(f"lr_decay={value!r} is not a schedule: use one of {', '.join(LR_DECAYS)}")
+    return value
+
+
+def _cosine_factor(step, total):
+    """The share of the base rate at `step` of `total`: 1 at 0, 0 from `total` on."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
 def freeze(module):
@@ -25,6 +41,7 @@ def freeze(module):
 class TextConditionedModel(pl.LightningModule):
     generator_parts = ()  # attribute names of the modules TI freezes besides first stage and text encoder
     timestep_bands_ok = False  # whether the generator has timesteps to give each band of vectors
+    lr_decay = "none"  # a subclass's constructor may take it (check_lr_decay)
 
     def setup_conditioning(self, cond_stage_config, personalization_config=None, cond_stage_trainable=False,
                            train_embedding=True, trainable_modules=None):
@@ -180,8 +197,15 @@ class TextConditionedModel(pl.LightningModule):
                       batch_size=len(batch[self.cond_stage_key]))
 
     def configure_optimizers(self):
+        """AdamW at `learning_rate`; with lr_decay "cosine" the rate falls to 0 at the trainer's max_steps."""
         lr = getattr(self, "learning_rate", 1e-4)
-        return torch.optim.AdamW(self.param_groups(lr), lr=lr)
+        optimizer = torch.optim.AdamW(self.param_groups(lr), lr=lr)
+        if self.lr_decay == "none":
+            return optimizer
+        total = max(1, int(self.trainer.max_steps))
+        factor = functools.partial(_cosine_factor, total=total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints: in TI mode only the trainable state is written ----------------------------
     def on_save_checkpoint(self, checkpoint):

@@ -17,7 +17,7 @@ from torch import nn
 from ldm.models.autoencoder import images_from_batch
 from ldm.models.diffusion.latent_cache import LatentCache
 from ldm.models.diffusion.schedule import NoiseSchedule
-from ldm.models.textual_inversion import TextConditionedModel, freeze
+from ldm.models.textual_inversion import TextConditionedModel, check_lr_decay, freeze
 from ldm.modules.diffusionmodules.util import keeping_saved
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
@@ -61,7 +61,7 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
                  embedding_reg_weight=0.0, cond_drop_prob=0.0, latent_cache=False, channels_last=False,
                  recompute_projections=True, compile=False, ckpt_path=None, ignore_keys=(), train_embedding=True,
                  trainable_modules=None, train_timesteps=None, train_timesteps_p=1.0, band_overlap=0,
-                 parameterization="eps", **reference_options):
+                 train_guidance_scale=1.0, lr_decay="none", parameterization="eps", **reference_options):
         super().__init__()
         self.reference = _ReferenceOptions(**reference_options)
         self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas,
@@ -76,6 +76,8 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
             raise ValueError(f"train_timesteps_p={train_timesteps_p} is not a probability: use a value in [0, 1]")
         self.train_timesteps_p = float(train_timesteps_p)
         self.band_overlap = _band_overlap(band_overlap, self.num_timesteps)
+        self.train_guidance_scale = _guidance_scale(train_guidance_scale)
+        self.lr_decay = check_lr_decay(lr_decay)
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.first_stage_model = freeze(instantiate_from_config(first_stage_config))
         self.setup_conditioning(cond_stage_config, personalization_config, cond_stage_trainable, train_embedding,
@@ -126,11 +128,20 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
             posterior = self.encode_first_stage(x)
         return self.get_first_stage_encoding(posterior).detach()
 
-    def p_losses(self, z0, c, t, noise=None):
+    def p_losses(self, z0, c, t, noise=None, uc=None):
         """The simple MSE loss of the reference against noise (eps) or get_v (v), logvar fixed at 0, plus the
-        optional vlb term."""
+        optional vlb term.
+
+        uc: (B, T, D) context of the empty prompt, or None. With it the loss is on the guided output
+        o_uc + w (o_c - o_uc), w = train_guidance_scale, o_uc without gradient (an ablation: what sampling at w
+        draws is what is fitted)."""
         noise = torch.randn_like(z0) if noise is None else noise
-        out = self.apply_model(self.q_sample(z0, t, noise), t, c)
+        x_t = self.q_sample(z0, t, noise)
+        out = self.apply_model(x_t, t, c)
+        if uc is not None:
+            with torch.no_grad():
+                out_uc = self.apply_model(x_t, t, uc)
+            out = out_uc + self.train_guidance_scale * (out - out_uc)
         target = self.training_target(z0, noise, t)
         loss_simple = F.mse_loss(out.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         logvar_t = self.logvar.to(z0.device)[t]
@@ -151,7 +162,15 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
             captions = self.captions_from_batch(batch)
             t = self.draw_timesteps(z0.shape[0], z0.device)
             c = self.conditioning_by_band(captions, self.timestep_band(self.jitter_for_bands(t)))
-            return self.add_embedding_regulariser(*self.p_losses(z0, c, t))
+            return self.add_embedding_regulariser(*self.p_losses(z0, c, t, uc=self.training_uc(len(captions))))
+
+    def training_uc(self, n):
+        """-> (n, T, D) context of the empty prompt when the loss is on the guided output (train_guidance_scale
+        != 1), else None."""
+        if self.train_guidance_scale == 1.0:
+            return None
+        with torch.no_grad():
+            return self.get_learned_conditioning([""] * n)
 
     def jitter_for_bands(self, t):
         """t: (B,) int64 -> (B,) int64, t moved by +band_overlap or -band_overlap at random (training only).
@@ -217,6 +236,14 @@ def _timestep_range(value, num_timesteps):
         raise ValueError(f"train_timesteps={list(value)} is not a range inside [0, {num_timesteps}): "
                          f"give [lo, hi] with 0 <= lo < hi <= {num_timesteps}")
     return lo, hi
+
+
+def _guidance_scale(value):
+    """The guidance of the training loss: 1 (the plain conditional output, the reference's) or more."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1.0:
+        raise ValueError(f"train_guidance_scale={value!r} is not a guidance scale: use 1 (the reference's loss) or "
+                         "the scale you sample at, e.g. 3.0")
+    return float(value)
 
 
 def _band_overlap(value, num_timesteps):
