@@ -222,6 +222,14 @@ def concept_row(spec, scores, seeds, clip):
     return row
 
 
+def seed_row(spec, seed, scores):
+    """One row of a single TI seed's `*` scores: fidelity, editability, each attribute's share, each edit's."""
+    row = {"concept": spec["name"], "seed": seed, "fidelity": scores["fidelity"],
+           "editability": scores["editability"], **scores["per_attribute"]}
+    row.update({f"edit: {prompt}": share for prompt, share in scores["edits"].items()})
+    return row
+
+
 def target_summary(pairs, model):
     """One line: how many concepts meet `model`'s targets (TARGETS); pairs: [(ti, baseline) scores]."""
     least, factor, edit_least = TARGETS[model]
@@ -260,7 +268,7 @@ def tables(args):
         sections.append("Caption following of the pretrained model:\n\n" + format_table(rows))
         sections.append("Scene words leaning their unnamed attribute (chance: 1/3 pattern and outline, "
                         "1/4 background):\n\n" + format_table(scenes))
-    rows, pairs = [], []
+    rows, pairs, seed_rows = [], [], []
     for spec in specs:
         image_score = None
         if clip is not None:
@@ -273,10 +281,14 @@ def tables(args):
         ti, baseline = seed_mean([r["pseudo_word"] for r in per_seed]), per_seed[0]["init_word"]
         rows += [concept_row(spec, ti, args.seeds, clip), concept_row(spec, baseline, args.seeds, clip)]
         pairs.append((ti, baseline))
+        seed_rows += [seed_row(spec, seed, r["pseudo_word"]) for seed, r in zip(args.seeds, per_seed)]
     if rows:
         seeds = f" (means over TI seeds {', '.join(map(str, args.seeds))})" if len(args.seeds) > 1 else ""
         sections.append(f"Textual inversion (`*`) vs the init-word baseline{seeds}:\n\n" + format_table(rows))
         sections.append(target_summary(pairs, args.model))
+    if len(args.seeds) > 1 and seed_rows:
+        sections.append("Each TI seed (`*` samples' attribute shares, then each edit prompt's success):\n\n"
+                        + format_table(seed_rows))
     return "\n\n".join(sections)
 
 

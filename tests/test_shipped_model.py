@@ -72,6 +72,10 @@ def test_concept_table_trains_each_seed_in_parallel_and_averages(tmp_path, monke
     by_seed = [float(v) for v in star[columns.index("fidelity by seed")].split(" / ")]
     assert len(by_seed) == 2 and abs(float(star[columns.index("fidelity")]) - sum(by_seed) / 2) < 1e-3
     assert baseline[columns.index("fidelity by seed")] == "-"
+    seed_table = (tmp_path / "table.md").read_text().split("Each TI seed")[1]
+    seed_lines = [line for line in seed_table.splitlines() if line.startswith("| solid_square")]
+    seed_fid = [float(line.split("|")[3]) for line in seed_lines]
+    assert [line.split("|")[2].strip() for line in seed_lines] == ["1", "2"] and seed_fid == by_seed
 
 
 def test_concept_table_workers_end_when_the_command_is_killed(tmp_path):
