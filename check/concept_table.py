@@ -226,7 +226,7 @@ def seed_row(spec, seed, scores):
     """One row of a single TI seed's `*` scores: fidelity, editability, each attribute's share, each edit's."""
     row = {"concept": spec["name"], "seed": seed, "fidelity": scores["fidelity"],
            "editability": scores["editability"], **scores["per_attribute"]}
-    row.update({f"edit: {prompt}": share for prompt, share in scores["edits"].items()})
+    row["each edit"] = ", ".join(f"{prompt}: {share:.3f}" for prompt, share in scores["edits"].items())
     return row
 
 

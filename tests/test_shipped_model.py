@@ -161,3 +161,16 @@ def test_sampler_accuracy_table(monkeypatch, capsys):
     assert rows["ddim"][0] == "uniform" and rows["dpmpp_2m"][0] == "logsnr"
     errors = {k: [float(v[i]) for i in (1, 4)] for k, v in rows.items()}  # median at 2 and at 20 steps
     assert all(0 < at20 < at2 for at2, at20 in errors.values()), out
+
+
+def test_seed_rows_of_concepts_with_different_edits_make_one_table():
+    """Each concept has its own edit prompts: the per-seed table holds them in one column, whatever they are."""
+    from check.concept_table import seed_row
+    from ldm.data.shapes.scores import format_table
+
+    def scores(edit):
+        return {"fidelity": 0.5, "editability": 0.25, "per_attribute": {"shape": 1.0}, "edits": {edit: 0.25}}
+    rows = [seed_row({"name": "a"}, 1, scores("a photo of a red *")), seed_row({"name": "b"}, 2, scores("a blue *"))]
+    table = format_table(rows)
+    assert "| a | 1 | 0.500 | 0.250 | 1.000 | a photo of a red *: 0.250 |" in table
+    assert "| b | 2 | 0.500 | 0.250 | 1.000 | a blue *: 0.250 |" in table
