@@ -16,13 +16,15 @@ def train(concept, ckpt, logdir, *extra):
                            "lightning.callbacks.early_stop.target=ldm.callbacks.FitPlateauStop", *extra])
 
 
+def stop_params(**params):
+    """key=value overrides of the early_stop callback's params."""
+    return [f"lightning.callbacks.early_stop.params.{k}={v}" for k, v in params.items()]
+
+
 def test_a_plateau_ends_the_run_as_finished(tiny_concept, ckpt, tmp_path):
     """min_delta 0.99 makes every check after the first a miss: with patience 2 the run ends at the third check."""
     run = train(tiny_concept, ckpt, tmp_path, "lightning.trainer.max_steps=40",
-                "lightning.callbacks.early_stop.params.every_n_steps=3",
-                "lightning.callbacks.early_stop.params.patience=2",
-                "lightning.callbacks.early_stop.params.min_delta=0.99",
-                "lightning.callbacks.early_stop.params.min_steps=0")
+                *stop_params(every_n_steps=3, patience=2, min_delta=0.99, min_steps=0))
     stop = next(cb for cb in run.trainer.callbacks if isinstance(cb, FitPlateauStop))
     assert run.trainer.global_step == 9 and [s for s, _ in stop.history] == [3, 6, 9] and stop.bad_checks == 2
     assert os.path.isfile(os.path.join(run.logdir, "checkpoints", "embeddings.pt"))
@@ -33,10 +35,7 @@ def test_a_plateau_ends_the_run_as_finished(tiny_concept, ckpt, tmp_path):
 
 def test_min_steps_holds_the_stop_back(tiny_concept, ckpt, tmp_path):
     run = train(tiny_concept, ckpt, tmp_path, "lightning.trainer.max_steps=12",
-                "lightning.callbacks.early_stop.params.every_n_steps=2",
-                "lightning.callbacks.early_stop.params.patience=1",
-                "lightning.callbacks.early_stop.params.min_delta=0.99",
-                "lightning.callbacks.early_stop.params.min_steps=10")
+                *stop_params(every_n_steps=2, patience=1, min_delta=0.99, min_steps=10))
     assert run.trainer.global_step == 10
 
 
@@ -56,3 +55,10 @@ def test_fit_loss_is_fixed_for_fixed_vectors_and_follows_them(tiny_concept, ckpt
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError, match="FitPlateauStop.*use positive counts"):
         FitPlateauStop(**bad)
+
+
+@pytest.mark.parametrize("model", [object(), type("SDXLLike", (), {"q_sample": 0, "embedding_manager": 0,
+                                                                   "conditions_on_size": True})()])
+def test_models_without_one_text_context_are_refused(model):
+    with pytest.raises(ValueError, match="leave lightning.callbacks.early_stop out"):
+        FitPlateauStop().on_fit_start(None, model)

@@ -282,3 +282,11 @@ def test_foreign_files_are_refused(personal, tmp_path):
     save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(wide))
     with pytest.raises(EmbeddingFileError, match="width 768"):
         personal.embedding_manager.load(str(wide))
+
+
+def test_the_guided_training_loss_is_refused_for_sdxl():
+    """SDXL's shared_step has no unconditional context to guide with: the option is an error, never ignored."""
+    config = OmegaConf.load(TINY / "config.yaml").model
+    config.params.train_guidance_scale = 3.0
+    with pytest.raises(ValueError, match="train_guidance_scale is not supported for SDXL"):
+        instantiate_from_config(config)

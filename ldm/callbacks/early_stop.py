@@ -45,9 +45,10 @@ class FitPlateauStop(pl.Callback):
         self.best, self.bad_checks, self.history = state["best"], state["bad_checks"], list(state["history"])
 
     def on_fit_start(self, trainer, pl_module):
-        if not hasattr(pl_module, "q_sample") or getattr(pl_module, "embedding_manager", None) is None:
-            raise ValueError("FitPlateauStop measures the denoising loss of a diffusion TI run: leave "
-                             "lightning.callbacks.early_stop out for this model")
+        if (not hasattr(pl_module, "q_sample") or getattr(pl_module, "embedding_manager", None) is None
+                or getattr(pl_module, "conditions_on_size", False)):
+            raise ValueError("FitPlateauStop measures the denoising loss of a diffusion TI run with one text "
+                             "context (not SDXL's): leave lightning.callbacks.early_stop out for this model")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

@@ -197,12 +197,15 @@ class TextConditionedModel(pl.LightningModule):
                       batch_size=len(batch[self.cond_stage_key]))
 
     def configure_optimizers(self):
-        """AdamW at `learning_rate`; with lr_decay "cosine" the rate falls to 0 at the trainer's max_steps."""
+        """AdamW at `learning_rate`; with lr_decay "cosine" the rate falls to 0 by the run's last optimizer step."""
         lr = getattr(self, "learning_rate", 1e-4)
         optimizer = torch.optim.AdamW(self.param_groups(lr), lr=lr)
         if self.lr_decay == "none":
             return optimizer
-        total = max(1, int(self.trainer.max_steps))
+        total = self.trainer.estimated_stepping_batches  # max_steps, or what max_epochs amounts to
+        if not math.isfinite(total):
+            raise ValueError("lr_decay=cosine needs a run of known length: set lightning.trainer.max_steps")
+        total = max(1, int(total))
         factor = functools.partial(_cosine_factor, total=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

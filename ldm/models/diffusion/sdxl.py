@@ -39,6 +39,9 @@ class SDXLDiffusion(LatentDiffusion):
         if options.get("parameterization", "eps") != "eps" or options.get("beta_schedule", "linear") != "linear":
             raise ValueError("SDXL base predicts eps on the linear-in-sqrt schedule: drop parameterization and "
                              "beta_schedule")
+        if options.get("train_guidance_scale", 1.0) != 1.0:
+            raise ValueError("train_guidance_scale is not supported for SDXL (its unconditional context depends on "
+                             "the size conditioning): drop it")
         ckpt_path = options.pop("ckpt_path", None)
         super().__init__(unet_config, first_stage_config, conditioner_config, personalization_config,
                          timesteps=timesteps, linear_start=linear_start, linear_end=linear_end,
