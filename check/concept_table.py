@@ -145,6 +145,16 @@ def load_specs(names=None, concept_set="shipped"):
     return [s for s in specs if s["name"] in wanted]
 
 
+def scheduled_edits(spec, when):
+    """The spec with each edit's word kept out of the steps before `when` (a prompt edit: "a photo of a [red
+    :0.4]*"); unchanged for when = None."""
+    if when is None:
+        return spec
+    edits = [{**e, "prompt": e["prompt"].replace(f"{e['value']} ", f"[{e['value']} :{when:g}]", 1)}
+             for e in spec["edits"]]
+    return {**spec, "edits": edits}
+
+
 def embedding_path(folder, spec, seed):
     return os.path.join(folder, f"{spec['name']}_seed{seed}.pt")
 
@@ -246,7 +256,7 @@ def target_summary(pairs, model):
 def tables(args):
     """Train what is missing, then the markdown of every table `args` asks for."""
 
-    specs = load_specs(args.concepts, args.set)
+    specs = [scheduled_edits(spec, args.edit_when) for spec in load_specs(args.concepts, args.set)]
     model_dir, finetunes = MODELS[args.model]
     weights = args.weights or f"{model_dir}/model.safetensors"
     clip = ClipImageSimilarity(args.clip) if args.clip else None  # a wrong folder fails before any training
@@ -258,6 +268,7 @@ def tables(args):
         generate = in_korean(generate)
     language = ", Korean prompts through improvement v2" if args.korean else ""
     how = "every code sampled" if args.model != "ldm" else f"{args.sampler} {args.ddim_steps} steps"
+    how += f", edit words from {args.edit_when:g} of the way" if args.edit_when is not None else ""
     sections = [f"Measured {datetime.date.today()} on {weights}: n={args.n} per prompt, {how}, "
                 f"guidance {args.scale}{language}."]
     if args.captions:
@@ -314,6 +325,9 @@ def main(argv=None):
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     p.add_argument("--scale", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--edit_when", type=float, default=None, metavar="F",
+                   help="write each edit prompt with its colour word added F of the way through sampling "
+                        "(\"a photo of a [red :F]*\", docs/usage.md#editing-a-concept); default: plain prompts")
     p.add_argument("--captions", action="store_true",
                    help="also score caption and scene-word following of the base model")
     p.add_argument("--clip", default=None, metavar="DIR",
@@ -338,6 +352,9 @@ def run(args):
     """Check the flags, then print the tables (and write them to args.out)."""
     require_positive(n=args.n, ddim_steps=args.ddim_steps, jobs=args.jobs)
     require_finite(scale=args.scale)
+    if args.edit_when is not None and not (0 < args.edit_when < 1 and args.model == "ldm"):
+        raise UsageError(f"--edit_when {args.edit_when:g}: give a fraction in (0, 1), with --model ldm (prompt "
+                         "edits need a diffusion model's timesteps)")
     text = tables(args)
     print(text)
     if args.out:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ldm.checkpoints import check_model_path, load_model_from_config, read_state_dict
 from ldm.cli import ArgumentParser, UsageError, run_command
 from ldm.inference_model import resolve_model
+from ldm.models.diffusion import prompt_edits
 from ldm.models.diffusion.sampling import SAMPLERS, SPACINGS, sample_latents
 from ldm.modules.diffusionmodules.openaimodel import Downsample
 from ldm.util import require_finite, require_positive, write_numbered
@@ -36,6 +37,10 @@ config and --actual_resume) unless --config/--ckpt_path say otherwise. --ckpt_pa
 .safetensors (fp32 or fp16; its model.* UNet weights, --use_ema for its EMA copies) or a diffusers SD 1.x folder.
 --H, --W, --ddim_steps and --scale default to the config's `sampling:` block (SD 1.x 512, SD 2.x-v 768), else
 256, 256, 200 and 5.0. --embedding_path takes any embedding file or a diffusers concept folder.
+
+A prompt may change words part-way through sampling, as in the AUTOMATIC1111 web UI: [to:when], [from::when],
+[from:to:when], `when` a fraction of the way (or a step number). "a photo of a [yellow :0.4]*" adds `yellow` from
+t = 600 down, which recolours a learned concept without redrawing its layout (docs/usage.md#editing-a-concept).
 
 An autoregressive config (ldm.models.autoregressive.ar.ARTextToImage, e.g. models/ar/tiny-shapes/config.yaml)
 samples codes instead: --top_k, --top_p and --temperature apply, the diffusion sampler options do not.
@@ -204,6 +209,16 @@ def warn_missing_placeholder(model, prompt):
                     prompt, " or ".join(strings))
 
 
+def check_prompt_edits(model, prompt, opt):
+    """A malformed [from:to:when] group, or one given to a model without timesteps, fails before sampling."""
+    if hasattr(model, "sample_images"):
+        if prompt_edits.has_edits(prompt):
+            raise UsageError(f"prompt {prompt!r} holds a [from:to:when] edit, which needs a diffusion model's "
+                             "timesteps: an autoregressive model takes plain prompts")
+        return
+    prompt_edits.parse(prompt, model.num_timesteps, opt.ddim_steps)
+
+
 def latent_shape(model, opt):
     f = first_stage_factor(model)
     return (opt.n_samples, model.channels, opt.H // f, opt.W // f)
@@ -280,6 +295,8 @@ def run(opt):
     torch.manual_seed(opt.seed)
     model = load_model(opt, config)
     check_size(model, opt)
+    for prompt in prompts:
+        check_prompt_edits(model, prompt, opt)
     generator = torch.Generator(opt.device).manual_seed(opt.seed)
     return [path for prompt in prompts for path in sample_prompt(model, prompt, opt, generator, sample_dir)]
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -174,3 +175,19 @@ def test_seed_rows_of_concepts_with_different_edits_make_one_table():
     table = format_table(rows)
     assert "| a | 1 | 0.500 | 0.250 | 1.000 | a photo of a red *: 0.250 |" in table
     assert "| b | 2 | 0.500 | 0.250 | 1.000 | a blue *: 0.250 |" in table
+
+
+def test_edit_when_writes_each_edit_word_as_a_prompt_edit(capsys):
+    from check import concept_table
+    from ldm.models.diffusion.prompt_edits import schedule
+
+    spec = concept_table.load_specs(["checker_circle"])[0]
+    edited = concept_table.scheduled_edits(spec, 0.4)
+    assert concept_table.scheduled_edits(spec, None) is spec
+    for before, after in zip(spec["edits"], edited["edits"]):
+        assert after["prompt"] == f"a photo of a [{before['value']} :0.4]*"
+        edges, texts = schedule([after["prompt"]], 1000, 50)
+        assert edges == [600] and texts == [[before["prompt"]], ["a photo of a *"]]
+    with pytest.raises(SystemExit) as info:
+        concept_table.main(["--concepts", "checker_circle", "--edit_when", "1.5"])
+    assert info.value.code == 2 and "--edit_when 1.5: give a fraction in (0, 1)" in capsys.readouterr().err

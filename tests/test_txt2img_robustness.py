@@ -80,6 +80,8 @@ MORE = [  # the same in this process (no Python to start: quick)
     ("PNG as ckpt", make_png, "is not a checkpoint"),
     ("safetensors header", make_safetensors_bad_header, "is truncated or damaged"),
     ("folder as ckpt", make_folder, "is a folder, not a file"),
+    ("prompt edit when", ["--prompt", "a photo of a [red :1.5]*"], "when = 1.5 is neither a fraction in (0, 1)"),
+    ("prompt edit unclosed", ["--prompt", "a photo of a [red :0.4 *"], "is nested or not closed"),
 ]
 
 

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import torch
 
+from ldm.models.diffusion.prompt_edits import schedule as prompt_schedule
 from ldm.models.diffusion.sigma_sampling import legacy_timesteps, sample_dpmpp_2m_sigma, sample_euler
 from ldm.modules.attention import reuse_context_projections
 
@@ -65,27 +66,31 @@ def ddim_schedule(alphas_cumprod, steps, eta=0.0, spacing="uniform"):
     return {"timesteps": ts, "a": a, "a_prev": a_prev, "sigma": sigma}
 
 
-def guided_eps(model, c, uc=None, scale=1.0):
+def guided_eps(model, c, uc=None, scale=1.0, edges=()):
     """eps_fn for model.apply_model with classifier-free guidance: e_uc + s (e_c - e_uc), one forward.
 
     Guidance combines the model's outputs; for a v-model (`model.parameterization == "v"`) these are v, as in
     the reference, and the guided v becomes eps = sqrt(ac) v + sqrt(1 - ac) x_t (`predict_eps_from_z_and_v`).
 
     c: (B, T, D) (or SDXL's dict of them: {"crossattn", "vector"}), or a list of them, one per timestep band of
-    the model's embedding manager (a step uses its band's). Each context is the same at every step of its band, so
-    its cross-attention keys and values are computed once.
+    the model's embedding manager (a step uses its band's). With prompt edits (edges: ascending timesteps,
+    `prompt_edits.schedule`), a list of those, one per segment of t between the edges. Each context is the same at
+    every step that uses it, so its cross-attention keys and values are computed once.
     """
     guided = uc is not None and scale != 1.0
-    bands = list(c) if isinstance(c, (list, tuple)) else [c]
-    contexts = [_cat(uc, b) if guided else b for b in bands]
-    projections = [{} for _ in bands]
+    segments = list(c) if edges else [c]
+    bands = [list(s) if isinstance(s, (list, tuple)) else [s] for s in segments]
+    contexts = [[_cat(uc, b) if guided else b for b in s] for s in bands]
+    projections = [[{} for _ in s] for s in bands]
+    edge_tensor = torch.tensor(list(edges), dtype=torch.long)
 
     def output_fn(x, t):
-        k = int(model.timestep_band(t[:1])) if len(bands) > 1 else 0
-        with reuse_context_projections(projections[k]):
+        i = int(torch.bucketize(t[:1].cpu(), edge_tensor, right=True)) if edges else 0
+        k = int(model.timestep_band(t[:1])) if len(bands[i]) > 1 else 0
+        with reuse_context_projections(projections[i][k]):
             if not guided:
-                return model.apply_model(x, t, contexts[k])
-            e_uc, e_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), contexts[k]).chunk(2)
+                return model.apply_model(x, t, contexts[i][k])
+            e_uc, e_c = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), contexts[i][k]).chunk(2)
         return e_uc + scale * (e_c - e_uc)
 
     if getattr(model, "parameterization", "eps") == "eps":  # any object with apply_model predicts eps
@@ -193,14 +198,16 @@ def sample_latents(model, captions, shape, steps=50, scale=1.0, eta=0.0, sampler
         raise ValueError(f"{sampler} is deterministic here: use --ddim_eta 0 with it")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}' (use one of {', '.join(SAMPLERS)})")
+    edges, texts = prompt_schedule(captions, model.num_timesteps, steps)
     if getattr(model, "conditions_on_size", False):  # SDXL: the vector conditioning holds the image size
-        c = model.banded_conditioning(captions, latent_size=shape[-2:])
+        c = [model.banded_conditioning(seg, latent_size=shape[-2:]) for seg in texts]
         uc = model.unconditional_conditioning(len(captions), latent_size=shape[-2:]) if scale != 1.0 else None
     else:
-        c = model.banded_conditioning(captions)
+        c = [model.banded_conditioning(seg) for seg in texts]
         uc = model.get_learned_conditioning([""] * len(captions)) if scale != 1.0 else None
-    like = c[0]["crossattn"] if isinstance(c[0], dict) else c[0]
+    like = c[0][0]["crossattn"] if isinstance(c[0][0], dict) else c[0][0]
     if x_T is None:
         x_T = torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
     sched = ddim_schedule(model.alphas_cumprod, steps, eta, spacing or DEFAULT_SPACING[sampler])
-    return SAMPLERS[sampler](guided_eps(model, c, uc, scale), x_T.to(like.device), sched, callback, generator)
+    eps_fn = guided_eps(model, c if edges else c[0], uc, scale, edges)
+    return SAMPLERS[sampler](eps_fn, x_T.to(like.device), sched, callback, generator)
