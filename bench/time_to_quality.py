@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check.concept_table import load_specs, load_ti_model, make_sampler, train_concept  # noqa: E402
+from check.concept_table import load_specs, load_ti_model, make_sampler, scheduled_edits, train_concept  # noqa: E402
 from ldm.cli import UsageError, run_command  # noqa: E402
 from ldm.data.shapes.concept_sets import CONCEPT_SETS  # noqa: E402
 from ldm.data.shapes.scores import PLACEHOLDER, evaluate_concept, format_table, per_attribute_match  # noqa: E402
@@ -139,11 +139,12 @@ def summary_row(recipe, spec, seed, rows):
 
 def bench(args):
     """Train and score every (recipe, concept, seed) -> markdown sections: settings, each run's curve, the summary."""
-    specs = load_specs(args.concepts, args.set)
+    specs = [scheduled_edits(spec, args.edit_when) for spec in load_specs(args.concepts, args.set)]
     models = {r: load_ti_model("ldm", args.weights, args.overrides, RECIPES[r]) for r in args.recipes}
     samplers = {r: make_sampler(m, args.ddim_steps, args.scale, args.sample_seed, args.sampler)
                 for r, m in models.items()}
-    sections = [f"n={args.n} per prompt, {args.sampler} {args.ddim_steps} steps, guidance {args.scale}; "
+    edits = f"edit words from {args.edit_when:g} of the way; " if args.edit_when is not None else ""
+    sections = [f"n={args.n} per prompt, {args.sampler} {args.ddim_steps} steps, guidance {args.scale}; {edits}"
                 f"training on {args.threads} thread(s); targets: fidelity >= {TARGETS[0]} and >= {TARGETS[1]:g}x "
                 f"the baseline, editability >= {TARGETS[2]}."]
     summary = []
@@ -176,6 +177,8 @@ def get_parser():
     p.add_argument("--ddim_steps", type=int, default=20, help="sampling steps")
     p.add_argument("--scale", type=float, default=3.0, help="guidance scale")
     p.add_argument("--sample_seed", type=int, default=0)
+    p.add_argument("--edit_when", type=float, default=None, metavar="F",
+                   help="edit prompts with the colour word from F of the way on (\"a photo of a [red :F]*\")")
     p.add_argument("--weights", default="models/ldm/tiny-shapes/model.safetensors")
     p.add_argument("--logdir", default="logs/time_to_quality", help="runs go to <logdir>/<recipe>/")
     p.add_argument("--out", default=None, help="write the markdown here too")
@@ -189,6 +192,8 @@ def run(args):
     require_positive(every=args.every, threads=args.threads, n=args.n, ddim_steps=args.ddim_steps)
     if args.steps is not None:
         require_positive(steps=args.steps)
+    if args.edit_when is not None and not 0 < args.edit_when < 1:
+        raise UsageError(f"--edit_when {args.edit_when:g}: give a fraction in (0, 1)")
     if not os.path.isfile(args.weights):
         raise UsageError(f"--weights {args.weights} not found: give the model's .safetensors")
     sections = bench(args)
