@@ -27,6 +27,7 @@ import glob
 import multiprocessing
 import os
 import shutil
+import sys
 import threading
 import time
 
@@ -289,6 +290,9 @@ def tables(args):
         for k, seed in enumerate(args.seeds):
             model.embedding_manager.load(embedding_path(args.embeddings, spec, seed))
             per_seed.append(evaluate_concept(generate, spec, n=args.n, baseline=k == 0, image_score=image_score))
+            ti = per_seed[-1]["pseudo_word"]
+            print(f"scored {spec['name']} seed {seed}: fidelity {ti['fidelity']:.3f}, editability "
+                  f"{ti['editability']:.3f}", file=sys.stderr, flush=True)
         ti, baseline = seed_mean([r["pseudo_word"] for r in per_seed]), per_seed[0]["init_word"]
         rows += [concept_row(spec, ti, args.seeds, clip), concept_row(spec, baseline, args.seeds, clip)]
         pairs.append((ti, baseline))
