@@ -40,7 +40,7 @@ config and --actual_resume) unless --config/--ckpt_path say otherwise. --ckpt_pa
 
 A prompt may change words part-way through sampling, as in the AUTOMATIC1111 web UI: [to:when], [from::when],
 [from:to:when], `when` a fraction of the way (or a step number). "a photo of a [yellow :0.4]*" adds `yellow` from
-t = 600 down, which recolours a learned concept without redrawing its layout (docs/usage.md#editing-a-concept).
+t = 600 down, once the concept's layout is drawn (docs/usage.md#editing-a-concept).
 
 An autoregressive config (ldm.models.autoregressive.ar.ARTextToImage, e.g. models/ar/tiny-shapes/config.yaml)
 samples codes instead: --top_k, --top_p and --temperature apply, the diffusion sampler options do not.

@@ -10,7 +10,7 @@ step with t >= that edge and `to` every step below it (on the uniform DDIM grid 
 
 Why: a diffusion model draws the layout at high t and the appearance at low t; an appearance word (a colour) that
 conditions the high-noise steps pulls the layout towards its own prior and can cost a learned concept its
-pattern (docs/results.md). `a photo of a [yellow :0.4]*` keeps `yellow` out of t >= 600.
+pattern. `a photo of a [yellow :0.4]*` keeps `yellow` out of t >= 600 (what that gains and costs: docs/usage.md).
 
 A bracket group that is not of these forms (no colon, or a last field that is not a number) is left as text.
 """
