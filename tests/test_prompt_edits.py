@@ -79,3 +79,18 @@ def test_an_edit_samples_what_switching_the_context_by_hand_gives():
     expected = sample_ddim(lambda x, t: low(x, t) if t[0] < 500 else high(x, t), x_T,
                            ddim_schedule(model.alphas_cumprod, 8))
     assert torch.equal(got, expected)
+
+
+def test_txt2img_refuses_prompt_edits_for_an_autoregressive_model(tmp_path, capsys, monkeypatch):
+    import os
+
+    import txt2img
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with pytest.raises(SystemExit) as info:
+        txt2img.main(["--config", "models/ar/tiny-shapes/config.yaml", "--ckpt_path",
+                      "models/ar/tiny-shapes/model.safetensors", "--outdir", str(tmp_path / "out"),
+                      "--prompt", "a photo of a [red :0.3]*", "--n_samples", "1"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert info.value.code == 2 and len(errors) == 1 and "needs a diffusion model's timesteps" in errors[0]
+    assert not list((tmp_path / "out").glob("**/*.png"))
