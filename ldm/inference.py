@@ -209,14 +209,11 @@ def warn_missing_placeholder(model, prompt):
                     prompt, " or ".join(strings))
 
 
-def check_prompt_edits(model, prompt, opt):
-    """A malformed [from:to:when] group, or one given to a model without timesteps, fails before sampling."""
-    if hasattr(model, "sample_images"):
-        if prompt_edits.has_edits(prompt):
-            raise UsageError(f"prompt {prompt!r} holds a [from:to:when] edit, which needs a diffusion model's "
-                             "timesteps: an autoregressive model takes plain prompts")
-        return
-    prompt_edits.parse(prompt, model.num_timesteps, opt.ddim_steps)
+def check_prompt_edits(model, prompt):
+    """A [from:to:when] group given to a model without timesteps fails before sampling."""
+    if hasattr(model, "sample_images") and prompt_edits.has_edits(prompt):
+        raise UsageError(f"prompt {prompt!r} holds a [from:to:when] edit, which needs a diffusion model's "
+                         "timesteps: an autoregressive model takes plain prompts")
 
 
 def latent_shape(model, opt):
@@ -290,13 +287,15 @@ def run(opt):
     config = resolve_model(opt, getattr(opt, "overlays", ()))
     check_options(opt)
     prompts = read_prompts(opt)
+    for prompt in prompts:  # the syntax before the model loads; timesteps only scale the switch
+        prompt_edits.parse(prompt, 1000, opt.ddim_steps)
     sample_dir = os.path.join(opt.outdir, "samples")
     os.makedirs(sample_dir, exist_ok=True)  # an --outdir that cannot be written fails before the model loads
     torch.manual_seed(opt.seed)
     model = load_model(opt, config)
     check_size(model, opt)
     for prompt in prompts:
-        check_prompt_edits(model, prompt, opt)
+        check_prompt_edits(model, prompt)
     generator = torch.Generator(opt.device).manual_seed(opt.seed)
     return [path for prompt in prompts for path in sample_prompt(model, prompt, opt, generator, sample_dir)]
 
