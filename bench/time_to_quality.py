@@ -30,7 +30,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from check.concept_table import load_specs, load_ti_model, make_sampler, scheduled_edits, train_concept  # noqa: E402
+from check.concept_table import (  # noqa: E402
+    check_edit_when,
+    load_specs,
+    load_ti_model,
+    make_sampler,
+    scheduled_edits,
+    train_concept,
+)
 from ldm.cli import UsageError, run_command  # noqa: E402
 from ldm.data.shapes.concept_sets import CONCEPT_SETS  # noqa: E402
 from ldm.data.shapes.scores import PLACEHOLDER, evaluate_concept, format_table, per_attribute_match  # noqa: E402
@@ -192,8 +199,7 @@ def run(args):
     require_positive(every=args.every, threads=args.threads, n=args.n, ddim_steps=args.ddim_steps)
     if args.steps is not None:
         require_positive(steps=args.steps)
-    if args.edit_when is not None and not 0 < args.edit_when < 1:
-        raise UsageError(f"--edit_when {args.edit_when:g}: give a fraction in (0, 1)")
+    check_edit_when(args.edit_when)
     if not os.path.isfile(args.weights):
         raise UsageError(f"--weights {args.weights} not found: give the model's .safetensors")
     sections = bench(args)

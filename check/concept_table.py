@@ -146,13 +146,27 @@ def load_specs(names=None, concept_set="shipped"):
     return [s for s in specs if s["name"] in wanted]
 
 
+def check_edit_when(when, model="ldm"):
+    """--edit_when: None, or a fraction in (0, 1) for a diffusion model."""
+    if when is not None and not 0 < when < 1:
+        raise UsageError(f"--edit_when {when:g}: give a fraction in (0, 1)")
+    if when is not None and model != "ldm":
+        raise UsageError(f"--edit_when with --model {model}: prompt edits need a diffusion model's timesteps; use "
+                         "--model ldm or leave --edit_when out")
+
+
 def scheduled_edits(spec, when):
     """The spec with each edit's word kept out of the steps before `when` (a prompt edit: "a photo of a [red
     :0.4]*"); unchanged for when = None."""
     if when is None:
         return spec
-    edits = [{**e, "prompt": e["prompt"].replace(f"{e['value']} ", f"[{e['value']} :{when:g}]", 1)}
-             for e in spec["edits"]]
+    edits = []
+    for e in spec["edits"]:
+        word = f"{e['value']} "
+        if word not in e["prompt"]:
+            raise UsageError(f"{spec['name']}: edit prompt {e['prompt']!r} does not hold its value {e['value']!r} "
+                             "before a space, so --edit_when has no word to delay: score it without --edit_when")
+        edits.append({**e, "prompt": e["prompt"].replace(word, f"[{e['value']} :{when:g}]", 1)})
     return {**spec, "edits": edits}
 
 
@@ -356,9 +370,7 @@ def run(args):
     """Check the flags, then print the tables (and write them to args.out)."""
     require_positive(n=args.n, ddim_steps=args.ddim_steps, jobs=args.jobs)
     require_finite(scale=args.scale)
-    if args.edit_when is not None and not (0 < args.edit_when < 1 and args.model == "ldm"):
-        raise UsageError(f"--edit_when {args.edit_when:g}: give a fraction in (0, 1), with --model ldm (prompt "
-                         "edits need a diffusion model's timesteps)")
+    check_edit_when(args.edit_when, args.model)
     text = tables(args)
     print(text)
     if args.out:

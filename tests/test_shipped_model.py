@@ -191,3 +191,9 @@ def test_edit_when_writes_each_edit_word_as_a_prompt_edit(capsys):
     with pytest.raises(SystemExit) as info:
         concept_table.main(["--concepts", "checker_circle", "--edit_when", "1.5"])
     assert info.value.code == 2 and "--edit_when 1.5: give a fraction in (0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        concept_table.main(["--concepts", "checker_circle", "--edit_when", "0.4", "--model", "ar"])
+    assert info.value.code == 2 and "prompt edits need a diffusion model's timesteps" in capsys.readouterr().err
+    odd = {**spec, "edits": [{**spec["edits"][0], "prompt": "a photo of *"}]}
+    with pytest.raises(ValueError, match="does not hold its value"):
+        concept_table.scheduled_edits(odd, 0.4)
