@@ -353,6 +353,7 @@ def build_model(config, opt):
         load_state_dict_into(model, ckpt, use_ema=bool(config.run.get("use_ema")))
     if opt.embedding_manager_ckpt:
         model.embedding_manager.load(opt.embedding_manager_ckpt)
+        model.restart_vector_ema()
     return model
 
 

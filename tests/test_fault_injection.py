@@ -33,7 +33,9 @@ def train(ckpt, images, logdir, name, *extra):
            "-n", name,
            f"lightning.trainer.max_steps={STEPS}", "lightning.trainer.log_every_n_steps=1",
            "lightning.modelcheckpoint.params.every_n_train_steps=7",
-           "lightning.callbacks.image_logger.params.batch_frequency=8", *extra]
+           "lightning.callbacks.image_logger.params.batch_frequency=8",
+           "model.params.embedding_ema=0.99",  # the vectors' moving average is state a resume must carry too
+           *extra]
     return run(cmd)
 
 

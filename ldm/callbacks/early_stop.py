@@ -54,7 +54,8 @@ class FitPlateauStop(pl.Callback):
         step = trainer.global_step
         if step % self.every_n_steps:
             return
-        loss = fit_loss(pl_module, trainer.datamodule.datasets["train"], self.timesteps, self.seed)
+        with pl_module.averaged_vectors():  # judge the vectors the run would save
+            loss = fit_loss(pl_module, trainer.datamodule.datasets["train"], self.timesteps, self.seed)
         pl_module.log("val/fit_loss", loss, on_step=True, batch_size=1)
         self.history.append((step, loss))
         if self.best is None or loss < self.best * (1 - self.min_delta):

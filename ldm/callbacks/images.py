@@ -1,5 +1,6 @@
 """Callbacks and helpers that draw what a person looks at: image grids of training batches, labelled validation
 samples, and the images sent to the active loggers."""
+import contextlib
 import logging
 import math
 import os
@@ -62,6 +63,12 @@ def labelled(images, labels, min_size=128):
     return torch.stack(out)
 
 
+def saved_vectors(pl_module):
+    """A context within which a TI model samples with the vectors its run saves (their moving average, where it
+    keeps one: embedding_ema); a no-op for other modules."""
+    return getattr(pl_module, "averaged_vectors", contextlib.nullcontext)()
+
+
 class ImageLogger(pl.Callback):
     """Every `batch_frequency` steps, saves `model.log_images(batch)` as grids under images/<split>/."""
 
@@ -90,7 +97,7 @@ class ImageLogger(pl.Callback):
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         # a seed of its own: the grids of one run are drawn alike at every step, and logging them leaves the
         # training's random stream where it was (a resumed run, which logs no grid at its first step, stays exact)
-        with torch.no_grad(), seeded_generators(derived_seed("image_logger", split), devices):
+        with torch.no_grad(), seeded_generators(derived_seed("image_logger", split), devices), saved_vectors(pl_module):
             images = pl_module.log_images(batch, N=self.max_images, **self.log_images_kwargs)
         pl_module.train(was_training)
         folder = os.path.join(trainer.logger.save_dir if trainer.logger else trainer.default_root_dir, "images", split)
@@ -135,7 +142,7 @@ class ValidationSampler(pl.Callback):
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         rows = []
         for i, prompt in enumerate(self.prompts):
-            with torch.no_grad(), seeded_generators(derived_seed("validation", i), devices):
+            with torch.no_grad(), seeded_generators(derived_seed("validation", i), devices), saved_vectors(pl_module):
                 x = pl_module.sample([prompt] * self.n, steps=self.steps, scale=self.scale)
             rows.append(labelled((x.float().cpu() + 1) / 2, [f"{prompt} | step {step}"] * self.n, self.min_size))
         pl_module.train(was_training)

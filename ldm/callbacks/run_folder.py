@@ -148,7 +148,8 @@ class EmbeddingCheckpoint(pl.Callback):
         names = [""] if step is None else ["", f"_gs-{step}"]
         modules = pl_module.trainable_module_state()
         for suffix in names:
-            manager.save(os.path.join(self.ckptdir, f"embeddings{suffix}.pt"))
+            with pl_module.averaged_vectors():  # the moving average where the run keeps one (embedding_ema)
+                manager.save(os.path.join(self.ckptdir, f"embeddings{suffix}.pt"))
             if modules:
                 with atomic_path(os.path.join(self.ckptdir, f"modules{suffix}.safetensors")) as tmp:
                     save_file({k: v.contiguous() for k, v in modules.items()}, tmp)

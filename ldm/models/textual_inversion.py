@@ -6,6 +6,7 @@ A subclass (LatentDiffusion, the autoregressive ARTextToImage) names its generat
 (loss, logs)`. In TI mode (a `personalization_config`) the generator, first stage and text encoder are
 frozen and stay in eval mode; only the manager's vectors and any `trainable_modules` reach the optimizer.
 """
+import contextlib
 import functools
 import math
 import random
@@ -13,6 +14,7 @@ import random
 import pytorch_lightning as pl
 import torch
 
+from ldm.modules.embedding_ema import VectorEMA, check_decay
 from ldm.util import instantiate_from_config
 
 LR_DECAYS = ("none", "cosine")
@@ -44,11 +46,20 @@ class TextConditionedModel(pl.LightningModule):
     lr_decay = "none"  # a subclass's constructor may take it (check_lr_decay)
 
     def setup_conditioning(self, cond_stage_config, personalization_config=None, cond_stage_trainable=False,
-                           train_embedding=True, trainable_modules=None):
-        """Build the text encoder and the manager, then freeze what the mode asks (after the generator exists)."""
+                           train_embedding=True, trainable_modules=None, embedding_ema=0.0):
+        """Build the text encoder and the manager, then freeze what the mode asks (after the generator exists).
+
+        embedding_ema: 0, or the decay of a moving average of the vectors (ldm.modules.embedding_ema) that the run
+        saves, logs images with and early-stops on in place of the last step's vectors.
+        """
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
         self.personalization_config = personalization_config
+        self.embedding_ema = check_decay(embedding_ema)
+        if self.embedding_ema and personalization_config is None:
+            raise ValueError("embedding_ema averages textual-inversion vectors: add a personalization_config or "
+                             "leave embedding_ema at 0")
         self.embedding_manager = self.build_embedding_manager()
+        self.restart_vector_ema()
         if personalization_config is not None:
             for name in self.generator_parts:
                 freeze(getattr(self, name))
@@ -71,14 +82,35 @@ class TextConditionedModel(pl.LightningModule):
         if self.embedding_manager is not None and not any(k.startswith("embedding_manager.") for k in loaded_keys):
             device = next(self.cond_stage_model.parameters()).device
             self.embedding_manager = self.build_embedding_manager().to(device)
+            self.restart_vector_ema()
             self.unfreeze_trainable_modules()
+
+    # ---- the moving average of the vectors -----------------------------------------------------
+    def restart_vector_ema(self):
+        """Start the average (when embedding_ema is set) from the manager's current vectors: call it whenever
+        the manager's vectors are replaced other than by training (a new manager, an embedding file loaded)."""
+        use = self.embedding_manager is not None and self.embedding_ema > 0
+        self.vector_ema = VectorEMA(self.embedding_manager, self.embedding_ema) if use else None
+
+    def averaged_vectors(self):
+        """A context within which the manager holds the averaged vectors (no-op without embedding_ema)."""
+        if self.vector_ema is None:
+            return contextlib.nullcontext()
+        return self.vector_ema.applied(self.embedding_manager)
+
+    def optimizer_step(self, *args, **kwargs):
+        """The optimizer's step, then the average's (before any callback sees the step: checkpoints agree)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.vector_ema is not None:
+            self.vector_ema.update(self.embedding_manager)
 
     # ---- freezing ---------------------------------------------------------------------------
     @property
     def new_parameter_prefixes(self):
-        """State-dict prefixes a base checkpoint lacks: the learned vectors, and new conditioner modules."""
+        """State-dict prefixes a base checkpoint lacks: the learned vectors (and their average), and new
+        conditioner modules."""
         extra = getattr(self.cond_stage_model, "new_parameter_prefixes", ())
-        return ("embedding_manager.",) + tuple(f"cond_stage_model.{p}" for p in extra)
+        return ("embedding_manager.", "vector_ema.") + tuple(f"cond_stage_model.{p}" for p in extra)
 
     def unfreeze_trainable_modules(self):
         """In TI mode, `trainable_modules` train beside (or, without train_embedding, instead of) the vectors."""
@@ -213,7 +245,7 @@ class TextConditionedModel(pl.LightningModule):
     # ---- checkpoints: in TI mode only the trainable state is written ----------------------------
     def on_save_checkpoint(self, checkpoint):
         if self.embedding_manager is not None:
-            keep = ("embedding_manager.",) + tuple(f"{path}." for path in self.trainable_modules)
+            keep = ("embedding_manager.", "vector_ema.") + tuple(f"{path}." for path in self.trainable_modules)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(keep)}
 
     def on_load_checkpoint(self, checkpoint):

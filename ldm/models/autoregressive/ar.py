@@ -28,7 +28,7 @@ class ARTextToImage(TextConditionedModel):
     def __init__(self, transformer_config, first_stage_config, cond_stage_config, personalization_config=None,
                  image_size=8, context_dim=64, first_stage_key="image", cond_stage_key="caption",
                  cond_stage_trainable=False, cond_drop_prob=0.0, embedding_reg_weight=0.0, train_embedding=True,
-                 trainable_modules=None, ckpt_path=None, init_ckpt=None):
+                 trainable_modules=None, ckpt_path=None, init_ckpt=None, embedding_ema=0.0):
         super().__init__()
         self.image_size = image_size  # codes per side
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
@@ -37,7 +37,7 @@ class ARTextToImage(TextConditionedModel):
         self.null_context = nn.Parameter(torch.randn(1, 1, context_dim) * 0.02)
         self.first_stage_model = freeze(instantiate_from_config(first_stage_config))
         self.setup_conditioning(cond_stage_config, personalization_config, cond_stage_trainable, train_embedding,
-                                trainable_modules)
+                                trainable_modules, embedding_ema)
         if personalization_config is not None:
             self.null_context.requires_grad_(False)
         from ldm.checkpoints import load_state_dict_into, warm_start

@@ -61,7 +61,8 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
                  embedding_reg_weight=0.0, cond_drop_prob=0.0, latent_cache=False, channels_last=False,
                  recompute_projections=True, compile=False, ckpt_path=None, ignore_keys=(), train_embedding=True,
                  trainable_modules=None, train_timesteps=None, train_timesteps_p=1.0, band_overlap=0,
-                 train_guidance_scale=1.0, lr_decay="none", parameterization="eps", **reference_options):
+                 train_guidance_scale=1.0, lr_decay="none", parameterization="eps", embedding_ema=0.0,
+                 **reference_options):
         super().__init__()
         self.reference = _ReferenceOptions(**reference_options)
         self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s, given_betas,
@@ -81,7 +82,7 @@ class LatentDiffusion(NoiseSchedule, TextConditionedModel):
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.first_stage_model = freeze(instantiate_from_config(first_stage_config))
         self.setup_conditioning(cond_stage_config, personalization_config, cond_stage_trainable, train_embedding,
-                                trainable_modules)
+                                trainable_modules, embedding_ema)
         self.latent_cache = LatentCache(self.first_stage_model) if latent_cache else None
         if ckpt_path is not None:
             from ldm.checkpoints import load_state_dict_into
