@@ -19,7 +19,8 @@ MODEL = "models/ldm/tiny-shapes"
 @pytest.fixture()
 def ti_model():
     config = OmegaConf.merge(OmegaConf.load(f"{MODEL}/config.yaml"),
-                             OmegaConf.load("configs/tiny-shapes/finetune.yaml"))
+                             OmegaConf.load("configs/tiny-shapes/finetune.yaml"),
+                             OmegaConf.from_dotlist(["model.params.embedding_ema=0.999"]))
     return load_model_from_config(config, f"{MODEL}/model.safetensors")
 
 
@@ -44,7 +45,7 @@ def test_average_follows_the_warm_up_and_applies_without_trace(ti_model):
 
 
 def test_the_model_averages_after_each_optimizer_step(ti_model):
-    assert ti_model.embedding_ema == 0.999 and ti_model.vector_ema is not None  # the shapes world's default
+    assert ti_model.embedding_ema == 0.999 and ti_model.vector_ema is not None
     (p,) = ti_model.embedding_manager.embedding_parameters()
     start = p.detach().clone()
     opt = torch.optim.SGD([p], lr=1.0)
@@ -65,6 +66,9 @@ def test_a_decay_out_of_range_is_refused(bad):
 
 def test_off_by_default_and_for_pretraining():
     assert check_decay(0) == 0.0
+    config = OmegaConf.merge(OmegaConf.load(f"{MODEL}/config.yaml"),
+                             OmegaConf.load("configs/tiny-shapes/finetune.yaml"))
+    assert load_model_from_config(config, f"{MODEL}/model.safetensors").vector_ema is None
     config = OmegaConf.load(f"{MODEL}/config.yaml")
     model = load_model_from_config(config, f"{MODEL}/model.safetensors")
     assert model.vector_ema is None
