@@ -79,12 +79,17 @@ def test_off_by_default_and_for_pretraining():
         load_model_from_config(config, f"{MODEL}/model.safetensors")
 
 
-def test_a_run_saves_the_average_and_keeps_both_in_last_ckpt(ckpt, tiny_concept, tmp_path):
+def train(ckpt, images, logdir, name, *extra):
+    """A TI run of the tiny reference model -> the finished process."""
     cmd = [sys.executable, "train_new.py", "--base", "configs/tiny/txt2img-tiny-finetune.yaml", "-t",
-           "--actual_resume", ckpt, "--data_root", tiny_concept, "--init_word", "dog", "--placeholder_string", "*",
-           "-l", str(tmp_path), "-n", "ema", "model.params.embedding_ema=0.99", "lightning.trainer.max_steps=6"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+           "--actual_resume", ckpt, "--data_root", images, "--init_word", "dog", "--placeholder_string", "*",
+           "-l", str(logdir), "-n", name, *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_a_run_saves_the_average_and_keeps_both_in_last_ckpt(ckpt, tiny_concept, tmp_path):
+    out = train(ckpt, tiny_concept, tmp_path, "ema", "model.params.embedding_ema=0.99", "lightning.trainer.max_steps=6")
     assert out.returncode == 0, out.stderr[-3000:]
     folder = glob.glob(str(tmp_path / "*_ema"))[0]
     saved = torch.load(os.path.join(folder, "checkpoints", "embeddings.pt"), weights_only=True)["string_to_param"]
@@ -96,11 +101,7 @@ def test_a_run_saves_the_average_and_keeps_both_in_last_ckpt(ckpt, tiny_concept,
 
 
 def test_a_bad_decay_in_a_run_is_one_error_line(ckpt, tiny_concept, tmp_path):
-    cmd = [sys.executable, "train_new.py", "--base", "configs/tiny/txt2img-tiny-finetune.yaml", "-t",
-           "--actual_resume", ckpt, "--data_root", tiny_concept, "--init_word", "dog", "--placeholder_string", "*",
-           "-l", str(tmp_path), "-n", "bad", "model.params.embedding_ema=1.5"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = train(ckpt, tiny_concept, tmp_path, "bad", "model.params.embedding_ema=1.5")
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error:") and "embedding_ema=1.5" in lines[-1], out.stderr[-2000:]

@@ -147,12 +147,12 @@ class EmbeddingCheckpoint(pl.Callback):
             return
         names = [""] if step is None else ["", f"_gs-{step}"]
         modules = pl_module.trainable_module_state()
-        for suffix in names:
-            with pl_module.averaged_vectors():  # the moving average where the run keeps one (embedding_ema)
+        with pl_module.averaged_vectors():  # the moving average where the run keeps one (embedding_ema)
+            for suffix in names:
                 manager.save(os.path.join(self.ckptdir, f"embeddings{suffix}.pt"))
-            if modules:
-                with atomic_path(os.path.join(self.ckptdir, f"modules{suffix}.safetensors")) as tmp:
-                    save_file({k: v.contiguous() for k, v in modules.items()}, tmp)
+                if modules:
+                    with atomic_path(os.path.join(self.ckptdir, f"modules{suffix}.safetensors")) as tmp:
+                        save_file({k: v.contiguous() for k, v in modules.items()}, tmp)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step

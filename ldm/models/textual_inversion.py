@@ -78,12 +78,14 @@ class TextConditionedModel(pl.LightningModule):
 
     def on_weights_loaded(self, loaded_keys):
         """Called by `load.load_state_dict_into`. Initial vectors come from the text encoder's weights, so after
-        loading a base checkpoint (one without learned vectors) the manager is built again from them."""
+        loading a base checkpoint (one without learned vectors) the manager is built again from them. Weights
+        without an average of the vectors start it again from the vectors they leave."""
         if self.embedding_manager is not None and not any(k.startswith("embedding_manager.") for k in loaded_keys):
             device = next(self.cond_stage_model.parameters()).device
             self.embedding_manager = self.build_embedding_manager().to(device)
-            self.restart_vector_ema()
             self.unfreeze_trainable_modules()
+        if not any(k.startswith("vector_ema.") for k in loaded_keys):
+            self.restart_vector_ema()
 
     # ---- the moving average of the vectors -----------------------------------------------------
     def restart_vector_ema(self):
