@@ -135,15 +135,23 @@ def scene_following(generate, n):
 
 def load_specs(names=None, concept_set="shipped"):
     """The concept.json of each dataset/<concept>/ named in `names` (default: those of `concept_set`, a key of
-    ldm.data.shapes.concept_sets.CONCEPT_SETS), sorted by name."""
-    specs = [read_spec(f) for f in sorted(glob.glob("dataset/*/concept.json"))]
-    wanted = set(names if names is not None else set_names(concept_set))
-    unknown = wanted - {s["name"] for s in specs}
+    ldm.data.shapes.concept_sets.CONCEPT_SETS), sorted by name.
+
+    Each concept is read from its own folder (the one its runs train on); a concept.json there that names another
+    concept (a copied folder) is refused rather than scored under the wrong name."""
+    wanted = sorted(set(names if names is not None else set_names(concept_set)))
+    unknown = [n for n in wanted if not os.path.isfile(os.path.join("dataset", n, "concept.json"))]
     if unknown:
-        hint = (f"use one of {', '.join(s['name'] for s in specs)}" if names is not None else
+        present = sorted(os.path.basename(os.path.dirname(f)) for f in glob.glob("dataset/*/concept.json"))
+        hint = (f"use one of {', '.join(present)}" if names is not None else
                 "write them with python -m ldm.data.shapes.concept_sets dataset/")
-        raise UsageError(f"no dataset/<concept>/concept.json for {', '.join(sorted(unknown))}: {hint}")
-    return [s for s in specs if s["name"] in wanted]
+        raise UsageError(f"no dataset/<concept>/concept.json for {', '.join(unknown)}: {hint}")
+    specs = [read_spec(os.path.join("dataset", n, "concept.json")) for n in wanted]
+    for name, spec in zip(wanted, specs):
+        if spec["name"] != name:
+            raise UsageError(f"dataset/{name}/concept.json names the concept {spec['name']!r}, not {name!r}: "
+                             f"rename the folder to dataset/{spec['name']}/ or regenerate its concept.json")
+    return specs
 
 
 def check_edit_when(when, model="ldm"):

@@ -216,3 +216,22 @@ def test_tuning_and_heldout_sets_cover_the_world_and_their_folders_match(tmp_pat
     for set_name in CONCEPT_SETS:
         assert [s["name"] for s in load_specs(None, set_name)] == sorted(set_names(set_name))
     assert [s["name"] for s in load_specs()] == sorted(c["name"] for c in CONCEPTS)  # the default: the shipped six
+
+
+def test_a_copied_concept_folder_is_refused_not_scored_twice(tmp_path, monkeypatch):
+    """A concept is read from dataset/<name>/ alone: a copy of its folder under another name neither doubles it in
+    a set nor passes as the concept its own folder name claims."""
+    from check.concept_table import load_specs
+    from ldm.cli import UsageError
+    from ldm.data.shapes.concept_sets import TUNING, set_names
+    from ldm.data.shapes.world import write_concept_dataset
+
+    for concept in TUNING:
+        write_concept_dataset(concept, str(tmp_path / "dataset" / concept["name"]), n_images=1)
+    write_concept_dataset(TUNING[0], str(tmp_path / "dataset" / "copy_of_first"), n_images=1)
+    monkeypatch.chdir(tmp_path)
+    assert [s["name"] for s in load_specs(None, "tuning")] == sorted(set_names("tuning"))
+    with pytest.raises(UsageError, match=f"names the concept '{TUNING[0]['name']}', not 'copy_of_first'"):
+        load_specs(["copy_of_first"])
+    with pytest.raises(UsageError, match="no dataset/<concept>/concept.json for absent: use one of"):
+        load_specs(["absent"])
