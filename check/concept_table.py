@@ -140,13 +140,14 @@ def load_specs(names=None, concept_set="shipped"):
     Each concept is read from its own folder (the one its runs train on); a concept.json there that names another
     concept (a copied folder) is refused rather than scored under the wrong name."""
     wanted = sorted(set(names if names is not None else set_names(concept_set)))
-    unknown = [n for n in wanted if not os.path.isfile(os.path.join("dataset", n, "concept.json"))]
+    paths = [os.path.join("dataset", n, "concept.json") for n in wanted]
+    unknown = [n for n, path in zip(wanted, paths) if not os.path.isfile(path)]
     if unknown:
         present = sorted(os.path.basename(os.path.dirname(f)) for f in glob.glob("dataset/*/concept.json"))
         hint = (f"use one of {', '.join(present)}" if names is not None else
                 "write them with python -m ldm.data.shapes.concept_sets dataset/")
         raise UsageError(f"no dataset/<concept>/concept.json for {', '.join(unknown)}: {hint}")
-    specs = [read_spec(os.path.join("dataset", n, "concept.json")) for n in wanted]
+    specs = [read_spec(path) for path in paths]
     for name, spec in zip(wanted, specs):
         if spec["name"] != name:
             raise UsageError(f"dataset/{name}/concept.json names the concept {spec['name']!r}, not {name!r}: "
