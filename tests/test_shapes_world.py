@@ -158,3 +158,23 @@ def test_write_concept_dataset(tmp_path):
 def test_shipped_concept_folders_match_the_specs():
     for concept in CONCEPTS:
         _check_concept_folder(os.path.join(REPO, "dataset", concept["name"]), concept, 5)
+
+
+@pytest.mark.parametrize("pattern", ["solid", "stripes", "checker"])
+def test_mirroring_is_a_world_image_except_for_the_checker(pattern):
+    """A mirrored image is the world's render of the mirrored box for solid and stripes; a mirrored checker has
+    the phase about the shape's centroid that the world never draws, so the diffusion model's TI config does not mirror
+    (configs/tiny-shapes/finetune.yaml, flip_p 0)."""
+    from ldm.data.shapes.draw import CANVAS, rasterize
+    for shape in VALUES["shape"]:
+        attrs = {"shape": shape, "colour": "red", "pattern": pattern, "background": "mint", "outline": "none"}
+        box = (5.3, 7.1, 17.0, 17.0)
+        mirrored = rasterize(attrs, box)[:, ::-1].astype(int)
+        world = rasterize(attrs, (CANVAS - box[0] - box[2], *box[1:])).astype(int)
+        assert (np.abs(mirrored - world).max() > 60) == (pattern == "checker"), shape
+
+
+def test_the_shapes_ti_config_does_not_mirror():
+    from omegaconf import OmegaConf
+    config = OmegaConf.load(os.path.join(REPO, "configs", "tiny-shapes", "finetune.yaml"))
+    assert config.data.params.train.params.flip_p == 0.0
