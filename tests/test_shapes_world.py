@@ -4,9 +4,11 @@ import os
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.data.shapes.concepts import CONCEPT_ATTRIBUTES, CONCEPT_TUPLES, CONCEPTS, concept_key
+from ldm.data.shapes.draw import CANVAS, rasterize
 from ldm.data.shapes.palette import NAMED, SCENE_PHRASE, SCENES, TEMPLATES, UNNAMED, VALUES
 from ldm.data.shapes.readers import read_attributes
 from ldm.data.shapes.world import ShapesWorld, caption, render, sample_attributes, write_concept_dataset
@@ -160,12 +162,11 @@ def test_shipped_concept_folders_match_the_specs():
         _check_concept_folder(os.path.join(REPO, "dataset", concept["name"]), concept, 5)
 
 
-@pytest.mark.parametrize("pattern", ["solid", "stripes", "checker"])
+@pytest.mark.parametrize("pattern", VALUES["pattern"])
 def test_mirroring_is_a_world_image_except_for_the_checker(pattern):
     """A mirrored image is the world's render of the mirrored box for solid and stripes; a mirrored checker has
     the phase about the shape's centroid that the world never draws, so the diffusion model's TI config does not mirror
     (configs/tiny-shapes/finetune.yaml, flip_p 0)."""
-    from ldm.data.shapes.draw import CANVAS, rasterize
     for shape in VALUES["shape"]:
         attrs = {"shape": shape, "colour": "red", "pattern": pattern, "background": "mint", "outline": "none"}
         box = (5.3, 7.1, 17.0, 17.0)
@@ -175,6 +176,5 @@ def test_mirroring_is_a_world_image_except_for_the_checker(pattern):
 
 
 def test_the_shapes_ti_config_does_not_mirror():
-    from omegaconf import OmegaConf
     config = OmegaConf.load(os.path.join(REPO, "configs", "tiny-shapes", "finetune.yaml"))
     assert config.data.params.train.params.flip_p == 0.0
