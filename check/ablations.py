@@ -20,25 +20,21 @@ import os
 import numpy as np
 import torch
 
-from check.concept_table import FINETUNE, MODEL_DIR, load_specs, load_ti_model, make_sampler, train_concept
-from ldm.checkpoints import read_config
+from check.concept_table import (
+    FINETUNE,
+    MODEL_DIR,
+    VARIANTS,
+    load_specs,
+    load_ti_model,
+    load_variant,
+    make_sampler,
+    train_concept,
+)
 from ldm.cli import ArgumentParser, UsageError, run_command
 from ldm.data.shapes.scores import evaluate_concept, format_table
 from ldm.inference import load_modules, modules_beside
 from ldm.models.diffusion.sampling import SAMPLERS
 from ldm.util import atomic_path, atomic_write_text, require_finite, require_positive
-
-VARIANTS = "configs/ablations"
-
-
-def load_variant(name):
-    """configs/ablations/<name>.yaml -> (overlay config paths, key=value overrides)."""
-    path = os.path.join(VARIANTS, f"{name}.yaml")
-    if not os.path.isfile(path):
-        known = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(f"{VARIANTS}/*.yaml"))
-        raise UsageError(f"no variant '{name}' ({path}): use one of {', '.join(known)}")
-    spec = read_config(path)
-    return list(spec.get("configs") or []), list(spec.get("overrides") or [])
 
 
 def run_metrics(logdir):

@@ -9,6 +9,7 @@
     python check/concept_table.py --model ar model.params.personalization_config.params.injection=output
     python check/concept_table.py --seeds 23 1 2 --jobs 2   # three TI runs per concept, two at a time
     python check/concept_table.py --set heldout          # the held-out concepts instead of the shipped six
+    python check/concept_table.py --variant v1_both --embeddings DIR   # an ablation variant (configs/ablations/)
 
 For each `dataset/<concept>/` of the set (`--set`: the shipped six by default) and each TI seed a TI embedding is
 trained with the default settings (configs/tiny-shapes/finetune.yaml) unless `<embeddings>/<concept>_seed<seed>.pt`
@@ -19,8 +20,12 @@ meet the targets by those means (diffusion: fidelity >= 0.6 and >= 3x the baseli
 autoregressive: fidelity above zero and >= 2x the baseline). Prints markdown; `--out` also writes it to a
 file. With `--korean` every prompt is translated (improvement/v2/corpus.py) and conditions the model through
 the v2 conditioner (configs/improvement/v2.yaml); the embeddings are the same English-trained files.
+With `--variant` the runs train and score with a variant's overlays and overrides (configs/ablations/<name>.yaml);
+a variant that trains conditioner modules (improvement v1) keeps them beside each embedding as
+`<concept>_seed<seed>.modules.safetensors`, loaded for that embedding's samples only.
 """
 import concurrent.futures
+import contextlib
 import datetime
 import functools
 import glob
@@ -43,14 +48,15 @@ from ldm.data.shapes.concept_sets import CONCEPT_SETS, set_names
 from ldm.data.shapes.draw import CANVAS
 from ldm.data.shapes.palette import COLOURS, SCENE_PHRASE, SCENES, SHAPES
 from ldm.data.shapes.readers import read_attributes
-from ldm.data.shapes.scores import evaluate_concept, format_table, read_spec
-from ldm.inference import SampleOptions, sample_batch, to_uint8
+from ldm.data.shapes.scores import evaluate_concept, evaluate_word, format_table, read_spec
+from ldm.inference import SampleOptions, load_modules, modules_beside, sample_batch, to_uint8
 from ldm.models.diffusion.sampling import SAMPLERS
 from ldm.training import TrainOptions
 from ldm.training import run as run_training
 from ldm.util import atomic_write_text, require_finite, require_positive
 
 MODEL_DIR = "models/ldm/tiny-shapes"
+VARIANTS = "configs/ablations"
 FINETUNE = "configs/tiny-shapes/finetune.yaml"
 # model name -> (model folder, its default TI configs, merged in order)
 MODELS = {"ldm": (MODEL_DIR, [FINETUNE]), "ar": ("models/ar/tiny-shapes", ["configs/ar-shapes/finetune.yaml"]),
@@ -74,6 +80,18 @@ def train_concept(spec, weights, logdir, extra=(), overlays=(), model="ldm", see
     if seed is not None:
         options.seed = seed
     return run_training(options, list(extra))
+
+
+def load_variant(name):
+    """configs/ablations/<name>.yaml -> (overlay config paths, key=value overrides); None -> ([], [])."""
+    if name is None:
+        return [], []
+    path = os.path.join(VARIANTS, f"{name}.yaml")
+    if not os.path.isfile(path):
+        known = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(f"{VARIANTS}/*.yaml"))
+        raise UsageError(f"no variant '{name}' ({path}): use one of {', '.join(known)}")
+    spec = read_config(path)
+    return list(spec.get("configs") or []), list(spec.get("overrides") or [])
 
 
 def load_ti_model(model="ldm", weights=None, overrides=(), extra_configs=()):
@@ -183,12 +201,43 @@ def embedding_path(folder, spec, seed):
     return os.path.join(folder, f"{spec['name']}_seed{seed}.pt")
 
 
-def _train_worker(spec, weights, logdir, extra, model, seed, threads=None):
+def modules_path(folder, spec, seed):
+    """Where the conditioner modules a variant trained beside an embedding are kept."""
+    return os.path.join(folder, f"{spec['name']}_seed{seed}.modules.safetensors")
+
+
+@contextlib.contextmanager
+def modules_loaded(model, path):
+    """`model` with the trained conditioner modules of `path` (None: as it is), its own weights back after."""
+    if path is None:
+        yield model
+        return
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    load_modules(model, path)
+    try:
+        yield model
+    finally:
+        model.load_state_dict(own)
+
+
+def run_modules(model, folder, spec, seed):
+    """The modules file of (spec, seed) for a model that trains modules (None otherwise); one is required then."""
+    if not getattr(model, "trainable_modules", None):
+        return None
+    path = modules_path(folder, spec, seed)
+    if not os.path.isfile(path):
+        raise UsageError(f"{path} is missing: the variant trains {', '.join(model.trainable_modules)}, but "
+                         f"{embedding_path(folder, spec, seed)} was trained without them; give --embeddings "
+                         "a folder of this variant's runs (or a new one)")
+    return path
+
+
+def _train_worker(spec, weights, logdir, extra, overlays, model, seed, threads=None):
     """One TI run (in this process, or in a pool worker with `threads` torch threads) -> its run folder."""
     if threads:
         torch.set_num_threads(threads)
     with torch.enable_grad():
-        return train_concept(spec, weights, logdir, extra, model=model, seed=seed).logdir
+        return train_concept(spec, weights, logdir, extra, overlays, model=model, seed=seed).logdir
 
 
 def worker_pool(jobs):
@@ -220,15 +269,20 @@ def _finished_runs(calls, jobs):
             yield runs[run], run.result()
 
 
-def train_missing(specs, weights, args):
-    """Train every (concept, seed) whose embedding file is missing; each is kept as soon as its run ends."""
+def train_missing(specs, weights, args, overlays=(), overrides=()):
+    """Train every (concept, seed) whose embedding file is missing; each is kept (with the modules a variant
+    trained, first) as soon as its run ends."""
     todo = [(spec, seed) for spec in specs for seed in args.seeds
             if not os.path.exists(embedding_path(args.embeddings, spec, seed))]
-    calls = [(spec, weights, args.logdir, args.train_overrides, args.model, seed) for spec, seed in todo]
+    extra = [*overrides, *args.train_overrides]
+    calls = [(spec, weights, args.logdir, extra, list(overlays), args.model, seed) for spec, seed in todo]
     for k, logdir in _finished_runs(calls, args.jobs):
-        out = embedding_path(args.embeddings, *todo[k])
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        shutil.copyfile(os.path.join(logdir, "checkpoints", "embeddings.pt"), out)
+        os.makedirs(args.embeddings, exist_ok=True)
+        embedding = os.path.join(logdir, "checkpoints", "embeddings.pt")
+        modules = modules_beside(embedding)
+        if modules:
+            shutil.copyfile(modules, modules_path(args.embeddings, *todo[k]))
+        shutil.copyfile(embedding, embedding_path(args.embeddings, *todo[k]))
 
 
 def seed_mean(scores):
@@ -284,17 +338,20 @@ def tables(args):
     model_dir, finetunes = MODELS[args.model]
     weights = args.weights or f"{model_dir}/model.safetensors"
     clip = ClipImageSimilarity(args.clip) if args.clip else None  # a wrong folder fails before any training
-    train_missing(specs, weights, args)
+    overlays, overrides = load_variant(args.variant)
+    train_missing(specs, weights, args, overlays, overrides)
 
-    model = load_ti_model(args.model, weights, args.train_overrides, [V2] if args.korean else [])
+    model = load_ti_model(args.model, weights, [*overrides, *args.train_overrides],
+                          [*overlays, *([V2] if args.korean else [])])
     generate = make_sampler(model, args.ddim_steps, args.scale, args.seed, args.sampler)
     if args.korean:
         generate = in_korean(generate)
     language = ", Korean prompts through improvement v2" if args.korean else ""
     how = "every code sampled" if args.model != "ldm" else f"{args.sampler} {args.ddim_steps} steps"
     how += f", edit words from {args.edit_when:g} of the way" if args.edit_when is not None else ""
+    variant = f"; TI variant {args.variant}" if args.variant else ""
     sections = [f"Measured {datetime.date.today()} on {weights}: n={args.n} per prompt, {how}, "
-                f"guidance {args.scale}{language}."]
+                f"guidance {args.scale}{language}{variant}."]
     if args.captions:
         manager, model.embedding_manager = model.embedding_manager, None
         rows = caption_following(generate, args.n)
@@ -312,7 +369,11 @@ def tables(args):
         per_seed = []
         for k, seed in enumerate(args.seeds):
             model.embedding_manager.load(embedding_path(args.embeddings, spec, seed))
-            per_seed.append(evaluate_concept(generate, spec, n=args.n, baseline=k == 0, image_score=image_score))
+            with modules_loaded(model, run_modules(model, args.embeddings, spec, seed)):
+                scores = evaluate_concept(generate, spec, n=args.n, baseline=False, image_score=image_score)
+            if k == 0:  # the init word on the model as shipped: a variant's trained modules are not its baseline
+                scores["init_word"] = evaluate_word(generate, spec, spec["init_word"], args.n, image_score)
+            per_seed.append(scores)
             ti = per_seed[-1]["pseudo_word"]
             print(f"scored {spec['name']} seed {seed}: fidelity {ti['fidelity']:.3f}, editability "
                   f"{ti['editability']:.3f}", file=sys.stderr, flush=True)
@@ -359,6 +420,9 @@ def main(argv=None):
                    help="also score caption and scene-word following of the base model")
     p.add_argument("--clip", default=None, metavar="DIR",
                    help="local CLIP model folder: adds the paper's image-image similarity (skipped without it)")
+    p.add_argument("--variant", default=None, metavar="NAME",
+                   help="train and score with configs/ablations/NAME.yaml's overlays and overrides "
+                        "(e.g. v1_both: improvement v1); default: the default TI settings")
     p.add_argument("--korean", action="store_true",
                    help="prompt in Korean through the v2 conditioner (configs/improvement/v2.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[23],

@@ -79,6 +79,7 @@ def test_placeholder_prompt_without_placeholder(capsys, embedding_files):
      "--edit 'x' is not in"),
     ("concept_table", ["--concepts", "nope"], "no dataset/<concept>/concept.json for nope: use one of"),
     ("concept_table", ["--n", "0"], "--n 0 must be greater than 0"),
+    ("concept_table", ["--variant", "nope"], "no variant 'nope'"),
     ("ablations", ["--variants", "nope"], "no variant 'nope'"),
     ("word_loss", ["--concept", "nope", "--words", "library"], "no dataset/<concept>/concept.json for nope"),
     ("band_probe", ["--concept", "solid_square", "--embedding", "x", "--scale", "nan"], "--scale nan is not a finite"),

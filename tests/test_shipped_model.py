@@ -79,6 +79,36 @@ def test_concept_table_trains_each_seed_in_parallel_and_averages(tmp_path, monke
     assert [line.split("|")[2].strip() for line in seed_lines] == ["1", "2"] and seed_fid == by_seed
 
 
+def test_concept_table_scores_a_variant_with_its_own_modules(tmp_path, monkeypatch, capsys):
+    """--variant v1_both trains the adapter and block beside the vectors, keeps them beside the embedding and
+    loads them for that embedding only; an embedding without them is refused, not scored without them."""
+    from check import concept_table
+    from ldm.checkpoints import read_state_dict
+
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    emb = tmp_path / "emb"
+    argv = ["--variant", "v1_both", "--concepts", "checker_circle", "--embeddings", str(emb), "--n", "2",
+            "--ddim_steps", "2", "--out", str(tmp_path / "table.md"), "--logdir", str(tmp_path / "logs")]
+    concept_table.main([*argv, "lightning.trainer.max_steps=2"])
+    assert "TI variant v1_both" in (tmp_path / "table.md").read_text()
+    modules = emb / "checker_circle_seed23.modules.safetensors"
+    trained, _ = read_state_dict(str(modules))
+    assert any(k.startswith("cond_stage_model.adapter.") for k in trained)
+
+    model = concept_table.load_ti_model("ldm", None, [], ["configs/improvement/v1.yaml"])
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(own[k], v) for k, v in trained.items())  # two steps moved the modules
+    with concept_table.modules_loaded(model, str(modules)):
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+    assert all(torch.equal(own[k], v) for k, v in model.state_dict().items())  # put back after
+
+    modules.unlink()
+    with pytest.raises(SystemExit) as info:
+        concept_table.main(argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert info.value.code == 2 and len(errors) == 1 and "modules.safetensors is missing" in errors[0]
+
+
 def test_concept_table_workers_end_when_the_command_is_killed(tmp_path):
     """A killed concept_table command leaves no worker process training on."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -62,7 +62,7 @@ def edit_success(images, spec, edit):
     return _share_matching(_read_all(images), expected)
 
 
-def _evaluate_word(generate, spec, word, n, image_score=None):
+def evaluate_word(generate, spec, word, n, image_score=None):
     """Scores of the prompts with `*` replaced by word; generate(prompt, n) -> list of (H, W, 3) uint8."""
     images = generate(FIDELITY_PROMPT.replace(PLACEHOLDER, word), n)
     edits = {e["prompt"]: edit_success(generate(e["prompt"].replace(PLACEHOLDER, word), n), spec, e)
@@ -88,9 +88,9 @@ def evaluate_concept(generate, spec, n=64, baseline=True, image_score=None):
     "image_similarity" of the "a photo of a *" samples.
     """
     result = {"concept": spec["name"],
-              "pseudo_word": _evaluate_word(generate, spec, PLACEHOLDER, n, image_score)}
+              "pseudo_word": evaluate_word(generate, spec, PLACEHOLDER, n, image_score)}
     if baseline:
-        result["init_word"] = _evaluate_word(generate, spec, spec["init_word"], n, image_score)
+        result["init_word"] = evaluate_word(generate, spec, spec["init_word"], n, image_score)
     return result
 
 
