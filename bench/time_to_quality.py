@@ -6,7 +6,9 @@ wall time and the steps at which it first meets the targets.
 
 A recipe is the default TI settings (configs/tiny-shapes/finetune.yaml) plus its overlays (RECIPES): `ours` is the
 defaults; `original` (configs/bench/original.yaml) is the original method's: one vector, one set for all
-timesteps, batch 4 at lr 0.02 (base 5e-3 x batch 4), the plain templates, no colour word in any caption. Trailing
+timesteps, batch 4 at lr 0.02 (base 5e-3 x batch 4), the plain templates, no colour word in any caption; `v1` is the
+defaults with improvement v1's adapter and block (configs/improvement/v1.yaml), each checkpoint scored with the
+modules it wrote beside its vectors (modules_gs-<step>.safetensors). Trailing
 key=value arguments override every recipe. Each run trains with one torch thread and writes its vectors every
 `--every` steps (the framework's embeddings_gs-<step>.pt); the wall time of a checkpoint is the time from the start
 of the run (model loading included) to the moment its file was written, kept in the run folder's
@@ -35,16 +37,18 @@ from check.concept_table import (  # noqa: E402
     load_specs,
     load_ti_model,
     make_sampler,
+    modules_loaded,
     scheduled_edits,
     train_concept,
 )
 from ldm.cli import UsageError, run_command  # noqa: E402
 from ldm.data.shapes.concept_sets import CONCEPT_SETS  # noqa: E402
 from ldm.data.shapes.scores import PLACEHOLDER, evaluate_concept, format_table, per_attribute_match  # noqa: E402
+from ldm.inference import modules_beside  # noqa: E402
 from ldm.models.diffusion.sampling import SAMPLERS  # noqa: E402
 from ldm.util import atomic_write_text, require_positive  # noqa: E402
 
-RECIPES = {"ours": [], "original": ["configs/bench/original.yaml"]}
+RECIPES = {"ours": [], "original": ["configs/bench/original.yaml"], "v1": ["configs/improvement/v1.yaml"]}
 TARGETS = (0.8, 3.0, 0.6)  # fidelity at least, and at least this many times the baseline's; editability at least
 TIMES = "time_to_quality.json"
 GS_FILE = re.compile(r"embeddings_gs-(\d+)\.pt$")
@@ -116,12 +120,25 @@ def score_run(model, generate, spec, run, times, baseline, args):
     "a photo of a *" samples and of the edits' samples, targets met."""
     rows, generate = [], remembering(generate)
     for step, wall in times.items():
-        model.embedding_manager.load(os.path.join(run, "checkpoints", f"embeddings_gs-{step}.pt"))
-        scores = evaluate_concept(generate, spec, n=args.n, baseline=False)["pseudo_word"]
+        embedding = os.path.join(run, "checkpoints", f"embeddings_gs-{step}.pt")
+        model.embedding_manager.load(embedding)
+        with modules_loaded(model, checkpoint_modules(model, embedding)):
+            scores = evaluate_concept(generate, spec, n=args.n, baseline=False)["pseudo_word"]
         rows.append({"step": step, "wall s": round(wall, 1), "fidelity": scores["fidelity"],
                      "editability": scores["editability"], **scores["per_attribute"],
                      **edit_attributes(generate.images, spec), "targets": "yes" if meets(scores, baseline) else "no"})
     return rows
+
+
+def checkpoint_modules(model, embedding):
+    """The modules file written with a checkpoint's vectors, for a model that trains modules (None otherwise)."""
+    if not getattr(model, "trainable_modules", None):
+        return None
+    path = modules_beside(embedding)
+    if path is None:
+        raise UsageError(f"{embedding} has no modules_gs file beside it, but the recipe trains "
+                         f"{', '.join(model.trainable_modules)}: train the run again in a new --logdir")
+    return path
 
 
 def init_word_scores(generate, spec, n):

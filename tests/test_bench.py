@@ -39,7 +39,7 @@ def test_ti_dataset_follows_the_config_or_defaults(monkeypatch):
 
 
 def test_time_to_quality_trains_scores_every_checkpoint_and_rescores_saved_runs(tmp_path, monkeypatch, capsys):
-    """Both recipes train, each checkpoint is scored with the concept scores, and a finished run is scored again
+    """Every recipe trains, each checkpoint is scored with the concept scores, and a finished run is scored again
     from its saved files without training (tiny settings: the figures are not quality)."""
     from omegaconf import OmegaConf
 
@@ -67,6 +67,8 @@ def test_time_to_quality_trains_scores_every_checkpoint_and_rescores_saved_runs(
             assert config.model.base_learning_rate == 5e-3 and config.data.params.train.params.class_text_p == 0.0
         else:
             assert vectors.shape[0] > 1
+        # v1's checkpoints keep the adapter and block they were scored with beside the vectors
+        assert os.path.isfile(os.path.join(run, "checkpoints", "modules_gs-2.safetensors")) == (recipe == "v1")
     assert re.search(r"^\| original \| checker_square_lilac \| 23 \| (not by 4|\d+) \|", out, re.M), out
     before = sorted(glob.glob(str(tmp_path / "*" / "*")))
     ttq.main(argv + ["--recipes", "ours"])
