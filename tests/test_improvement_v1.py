@@ -69,3 +69,21 @@ def test_adapter_only_keeps_the_vector(train_tiny, tiny_concept, ckpt, tmp_path)
     assert torch.equal(manager.string_to_param_dict["*"].detach()[0], initial)
     assert run.model.cond_stage_model.adapter.up.weight.abs().sum() > 0
     assert len(run.trainer.optimizers[0].param_groups) == 2
+
+
+def test_modules_train_in_train_mode_from_the_first_step_whether_or_not_images_are_logged(train_tiny, tiny_concept,
+                                                                                           tmp_path):
+    """The trainable modules are in train mode from step 0 (the frozen encoder around them in eval), not only after
+    the first image grid switched modes back: a run that logs images every 2 steps and one that logs none train
+    the same vectors and modules, bit for bit."""
+    runs = [train_tiny(tiny_concept, tmp_path / name, "lightning.trainer.max_steps=5", extra, overlays=(V1,))
+            for name, extra in [("grids", "lightning.callbacks.image_logger.params.batch_frequency=2"),
+                                ("none", "lightning.callbacks.image_logger.params.disabled=true")]]
+    logged, silent = (run.model for run in runs)
+    assert any(f.startswith("samples") for f in os.listdir(tmp_path / "grids" / os.listdir(tmp_path / "grids")[0]
+                                                            / "images" / "train"))
+    assert silent.cond_stage_model.post_block.training and not silent.cond_stage_model.transformer.training
+    vectors = [m.embedding_manager.string_to_param_dict["*"] for m in (logged, silent)]
+    assert torch.equal(*vectors)
+    for (key, a), b in zip(logged.trainable_module_state().items(), silent.trainable_module_state().values()):
+        assert torch.equal(a, b), key

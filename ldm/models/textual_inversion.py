@@ -217,6 +217,12 @@ class TextConditionedModel(pl.LightningModule):
         return loss, logs
 
     # ---- training -------------------------------------------------------------------------------
+    def on_train_start(self):
+        """Lightning fits with the modes the modules were loaded in (all eval); set the training modes (trainable
+        modules train, frozen parts eval) before the first step, as they are after each sampled image grid, so a
+        run's steps do not depend on when, or whether, it logged images, and a resumed run matches."""
+        self.train(True)
+
     def training_step(self, batch, batch_idx):
         loss, logs = self.shared_step(batch)
         n = len(batch[self.cond_stage_key])
