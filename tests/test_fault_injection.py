@@ -140,3 +140,32 @@ def test_resume_refuses_configs_naming_outside_code(ckpt, images, tmp_path):
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-2000:]
     assert "tests.fault_callbacks.SignalAt" in errors[0] and "--trust_configs" in errors[0]
+
+
+def test_v1_run_stopped_and_resumed_matches_the_uninterrupted_one(ckpt, images, tmp_path):
+    """Improvement v1 (vectors + adapter and block): stopped after step 9, between image grids, and resumed, the
+    run ends with the vectors and modules of the uninterrupted run: the modules and their optimizer state are
+    part of what a resume restores."""
+    def v1(name, *extra):
+        return run([sys.executable, "train_new.py", "--base", "configs/tiny/txt2img-tiny-finetune.yaml",
+                    "configs/improvement/v1.yaml", "-t", "--actual_resume", ckpt, "--data_root", images,
+                    "--init_word", "dog", "--placeholder_string", "*", "-l", str(tmp_path), "-n", name,
+                    "lightning.trainer.max_steps=16", "lightning.modelcheckpoint.params.every_n_train_steps=5",
+                    "lightning.callbacks.image_logger.params.batch_frequency=4", *extra])
+
+    assert v1("whole").returncode == 0
+    stop = ("lightning.callbacks.stop.target=tests.fault_callbacks.SignalAt",
+            "lightning.callbacks.stop.params.step=9", "lightning.callbacks.stop.params.signum=SIGTERM")
+    assert v1("stopped", *stop).returncode == EXIT["SIGTERM"]
+    folder = glob.glob(str(tmp_path / "*_stopped"))[0]
+    out = resume(folder, "lightning.callbacks.stop.params.step=-1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    whole = glob.glob(str(tmp_path / "*_whole"))[0]
+    for name in ("embeddings.pt", "modules.safetensors"):
+        a, b = (os.path.join(f, "checkpoints", name) for f in (folder, whole))
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            if name.endswith(".pt"):
+                assert torch.equal(torch.load(fa, weights_only=True)["string_to_param"]["*"],
+                                   torch.load(fb, weights_only=True)["string_to_param"]["*"])
+            else:
+                assert fa.read() == fb.read(), name
