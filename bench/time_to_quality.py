@@ -38,6 +38,7 @@ from check.concept_table import (  # noqa: E402
     load_ti_model,
     make_sampler,
     modules_loaded,
+    required_modules,
     scheduled_edits,
     train_concept,
 )
@@ -132,13 +133,8 @@ def score_run(model, generate, spec, run, times, baseline, args):
 
 def checkpoint_modules(model, embedding):
     """The modules file written with a checkpoint's vectors, for a model that trains modules (None otherwise)."""
-    if not getattr(model, "trainable_modules", None):
-        return None
-    path = modules_beside(embedding)
-    if path is None:
-        raise UsageError(f"{embedding} has no modules_gs file beside it, but the recipe trains "
-                         f"{', '.join(model.trainable_modules)}: train the run again in a new --logdir")
-    return path
+    return required_modules(model, modules_beside(embedding), f"the modules_gs file beside {embedding}",
+                            "train the run again in a new --logdir")
 
 
 def init_word_scores(generate, spec, n):

@@ -220,16 +220,21 @@ def modules_loaded(model, path):
         model.load_state_dict(own)
 
 
-def run_modules(model, folder, spec, seed):
-    """The modules file of (spec, seed) for a model that trains modules (None otherwise); one is required then."""
+def required_modules(model, path, what, fix):
+    """`path`, the modules file of a model that trains conditioner modules (None for one that trains none); a
+    missing file (`path` None or absent, named `what`) is refused with `fix`, never scored without its modules."""
     if not getattr(model, "trainable_modules", None):
         return None
-    path = modules_path(folder, spec, seed)
-    if not os.path.isfile(path):
-        raise UsageError(f"{path} is missing: the variant trains {', '.join(model.trainable_modules)}, but "
-                         f"{embedding_path(folder, spec, seed)} was trained without them; give --embeddings "
-                         "a folder of this variant's runs (or a new one)")
+    if path is None or not os.path.isfile(path):
+        raise UsageError(f"{what} is missing, but the model trains {', '.join(model.trainable_modules)}: {fix}")
     return path
+
+
+def run_modules(model, folder, spec, seed):
+    """The modules file of (spec, seed) for a model that trains modules (None otherwise); one is required then."""
+    path = modules_path(folder, spec, seed)
+    return required_modules(model, path, path, f"{embedding_path(folder, spec, seed)} was trained without them; "
+                            "give --embeddings a folder of this variant's runs (or a new one)")
 
 
 def _train_worker(spec, weights, logdir, extra, overlays, model, seed, threads=None):
